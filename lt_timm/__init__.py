@@ -1,0 +1,15 @@
+"""lt-timm: LossTransform for PyTorch Image Models (timm), as a plugin."""
+from .layout import block_sizes, num_blocks, replica_groups, mixup_consistent
+from .loss import LossTransform, grouped_kl, consensus_log_prob, log_distribution
+from .registry import LossOptions, create_loss, register_loss, list_losses, is_registered, timm_criterion
+from .sampler import RepeatedAugBatchSampler
+from .loader import create_loader
+
+__version__ = '0.1.0'
+
+
+def __getattr__(name):  # lazy, so `python -m lt_timm.launch` does not import lt_timm.launch twice (runpy warning)
+    if name == 'patch_timm_train':
+        from .launch import patch_timm_train
+        return patch_timm_train
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,79 @@
+"""The LossTransform command-line flags, shared by ``train.py`` and the stock-timm launcher."""
+import argparse
+import logging
+from typing import Any
+
+import torch.nn as nn
+
+from .registry import create_loss, list_losses
+from .sampler import EPOCH_MODES
+
+__all__ = ['add_losstransform_args', 'criterion_from_args', 'describe_criterion', 'LT_ARG_DEFAULTS']
+
+_logger = logging.getLogger(__name__)
+
+# dest -> default; YAML recipes (-c) may set any of these keys.
+LT_ARG_DEFAULTS = dict(loss='ce', lt_rho=1.0, lt_detach=False, lt_reverse_kl=False, lt_epoch='v1')
+
+
+def add_losstransform_args(parser: argparse.ArgumentParser, with_loss: bool = True) -> argparse._ArgumentGroup:
+    """Add ``--loss``, ``--lt-rho``, ``--lt-detach``, ``--lt-reverse-kl``, ``--lt-epoch`` to a timm-style parser."""
+    group = parser.add_argument_group('LossTransform parameters')
+    if with_loss:
+        group.add_argument('--loss', default=LT_ARG_DEFAULTS['loss'], choices=list_losses(), metavar='NAME',
+                           help=f'training loss: {", ".join(list_losses())} (default: "ce", timm\'s own choice '
+                                'from --smoothing/--mixup/--bce-loss; "losstransform" wraps that in T(L))')
+    group.add_argument('--lt-rho', type=float, default=LT_ARG_DEFAULTS['lt_rho'], metavar='RHO',
+                       help='LossTransform consistency weight rho (default: 1.0)')
+    group.add_argument('--lt-detach', action='store_true', default=LT_ARG_DEFAULTS['lt_detach'],
+                       help='stop gradients through the consensus pbar (default: off)')
+    group.add_argument('--lt-reverse-kl', action='store_true', default=LT_ARG_DEFAULTS['lt_reverse_kl'],
+                       help='use KL(p_i || pbar) (AugMix direction) instead of the paper\'s KL(pbar || p_i)')
+    group.add_argument('--lt-epoch', default=LT_ARG_DEFAULTS['lt_epoch'], choices=EPOCH_MODES,
+                       help='repeated-augmentation epoch: v1 = as many samples as a plain epoch (paper\'s '
+                            'LossTransform-v1), full = every image m times (default: v1)')
+    return group
+
+
+def check_args(args: Any) -> None:
+    """Reject flag values that would make a run silently wrong, with the fix in the message."""
+    if args.lt_rho < 0:
+        raise ValueError(f'--lt-rho must be >= 0, got {args.lt_rho}.')
+    aug_repeats = getattr(args, 'aug_repeats', 0) or 0
+    if float(aug_repeats) != int(aug_repeats) or aug_repeats < 0:
+        raise ValueError(f'--aug-repeats must be a whole number >= 0, got {aug_repeats}.')
+    if getattr(args, 'loss', 'ce') == 'losstransform' and aug_repeats < 2:
+        raise ValueError(
+            f'--loss losstransform needs --aug-repeats >= 2 (replicas of each image to compare), got {aug_repeats}; '
+            f'add e.g. --aug-repeats 3.')
+    batch_size = getattr(args, 'batch_size', None)
+    if aug_repeats and batch_size is not None and aug_repeats > batch_size:
+        raise ValueError(
+            f'--aug-repeats {int(aug_repeats)} is larger than the batch size {batch_size}; all replicas of an image '
+            f'must fit in one batch: raise -b or lower --aug-repeats.')
+
+
+def criterion_from_args(args: Any, mixup_active: bool) -> nn.Module:
+    """The training criterion named by ``--loss``, built from timm's own loss flags on ``args``."""
+    return create_loss(
+        getattr(args, 'loss', 'ce'),
+        smoothing=getattr(args, 'smoothing', 0.) or 0.,
+        mixup_active=mixup_active,
+        bce_loss=bool(getattr(args, 'bce_loss', False)),
+        bce_target_thresh=getattr(args, 'bce_target_thresh', None),
+        bce_sum=bool(getattr(args, 'bce_sum', False)),
+        bce_pos_weight=getattr(args, 'bce_pos_weight', None),
+        jsd_splits=getattr(args, 'aug_splits', 0) or 0,
+        aug_repeats=int(getattr(args, 'aug_repeats', 0) or 0),
+        rho=args.lt_rho,
+        detach_consensus=args.lt_detach,
+        reverse_kl=args.lt_reverse_kl,
+    )
+
+
+def describe_criterion(criterion: nn.Module) -> str:
+    """One line saying what the criterion is, e.g. for the start-of-run log."""
+    from .loss import LossTransform
+    if isinstance(criterion, LossTransform):
+        return f'LossTransform(base={type(criterion.base_loss).__name__}, {criterion.extra_repr()})'
+    return type(criterion).__name__

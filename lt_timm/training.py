@@ -1,0 +1,551 @@
+"""What ``train.py`` needs beyond timm: timm's flags, the epoch loop with loss parts, and the run setup.
+
+Built from timm's pieces — ``create_model``, ``create_dataset``, ``lt_timm.create_loader``, ``Mixup`` /
+``FastCollateMixup``, ``create_optimizer_v2``, ``create_scheduler_v2``, ``timm.task.ClassificationTask``
+(with its ``ModelEmaV3``), ``CheckpointSaver`` (atomic ``tmp`` -> ``last`` writes), ``update_summary`` —
+so flags, YAML recipes (``-c``, keys are the flags' dest names) and checkpoints carry over from timm.
+"""
+import argparse
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from datetime import datetime
+from functools import partial
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import yaml
+
+import timm
+from timm import utils
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, resolve_data_config
+from timm.models import create_model, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
+from timm.utils import NativeScaler
+
+from . import models as _models  # noqa: F401  (registers the CIFAR ResNets with timm)
+from .args import add_losstransform_args, check_args, criterion_from_args, describe_criterion
+from .data import load_folder_dataset
+from .errors import UserError
+from .loader import create_loader
+from .loss import LossTransform
+from .plots import plot_training_curves
+
+__all__ = ['build_parser', 'parse_args', 'train', 'train_one_epoch', 'validate']
+
+_logger = logging.getLogger('train')
+
+
+def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(config_parser, parser) with timm's flag names, meanings and defaults, plus LossTransform's."""
+    config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
+    config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                               help='YAML config file specifying default arguments (keys = flag dest names)')
+    parser = argparse.ArgumentParser(description='lt-timm training (timm train.py flags + LossTransform)')
+
+    g = parser.add_argument_group('Dataset parameters')
+    g.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (positional is *deprecated*, use --data-dir)')
+    g.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+    g.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>") (default: ImageFolder or ImageTar if empty)')
+    g.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
+    g.add_argument('--val-split', metavar='NAME', default='validation', help='dataset validation split (default: validation)')
+    g.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file (default: "")')
+    g.add_argument('--input-img-mode', default=None, type=str, help='Dataset image conversion mode for input images.')
+    g.add_argument('--dataset-download', action='store_true', default=False, help='Allow download of dataset for torch/ and tfds/ datasets that support it.')
+
+    g = parser.add_argument_group('Model parameters')
+    g.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='Name of model to train (default: "resnet50")')
+    g.add_argument('--pretrained', action='store_true', default=False, help='Start with pretrained version of specified network (if avail)')
+    g.add_argument('--pretrained-path', default=None, type=str, help='Load this checkpoint as if they were the pretrained weights (with adaptation).')
+    g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='Load this checkpoint into model after initialization (default: none)')
+    g.add_argument('--resume', default='', type=str, metavar='PATH', help='Resume full model and optimizer state from checkpoint (default: none)')
+    g.add_argument('--no-resume-opt', action='store_true', default=False, help='prevent resume of optimizer state when resuming model')
+    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes (default: from the dataset)')
+    g.add_argument('--gp', default=None, type=str, metavar='POOL', help='Global pool type, one of (fast, avg, max, avgmax, avgmaxc). Model default if None.')
+    g.add_argument('--img-size', type=int, default=None, metavar='N', help='Image size (default: None => model default)')
+    g.add_argument('--in-chans', type=int, default=None, metavar='N', help='Image input channels (default: None => 3)')
+    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N', help='Input all image dimensions (d h w, e.g. --input-size 3 224 224)')
+    g.add_argument('--crop-pct', default=None, type=float, metavar='N', help='Input image center crop percent (for validation only)')
+    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='Override mean pixel value of dataset')
+    g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='Override std deviation of dataset')
+    g.add_argument('--interpolation', default='', type=str, metavar='NAME', help='Image resize interpolation type (overrides model)')
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='Input batch size for training (default: 128)')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N', help='Validation batch size override (default: None)')
+    g.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
+
+    g = parser.add_argument_group('Device parameters')
+    g.add_argument('--device', default='cuda', type=str, help='Device (accelerator) to use.')
+    g.add_argument('--amp', action='store_true', default=False, help='use mixed precision training')
+    g.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
+    g.add_argument('--dist-backend', default=None, type=str, help='torch.distributed backend (default: nccl on cuda, else gloo)')
+    g.add_argument('--dist-url', default=None, type=str, help='torch.distributed init url (default: env://)')
+
+    g = parser.add_argument_group('Optimizer parameters')
+    g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='Optimizer (default: "sgd")')
+    g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='Optimizer Epsilon (default: None, use opt default)')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='Optimizer Betas (default: None, use opt default)')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M', help='Optimizer momentum (default: 0.9)')
+    g.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='Clip gradient norm (default: None, no clipping)')
+    g.add_argument('--clip-mode', type=str, default='norm', help='Gradient clipping mode. One of ("norm", "value", "agc")')
+    g.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay (default: None)')
+
+    g = parser.add_argument_group('Learning rate schedule parameters')
+    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler (default: "cosine")')
+    g.add_argument('--sched-on-updates', action='store_true', default=False, help='Apply LR scheduler step on update instead of epoch end.')
+    g.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate, overrides lr-base if set (default: None)')
+    g.add_argument('--lr-base', type=float, default=0.1, metavar='LR', help='base learning rate: lr = lr_base * global_batch_size / base_size')
+    g.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='base learning rate batch size (divisor, default: 256).')
+    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='base learning rate vs batch_size scaling ("linear", "sqrt", based on opt if empty)')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct', help='learning rate noise on/off epoch percentages')
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT', help='learning rate cycle len multiplier (default: 1.0)')
+    g.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N', help='learning rate cycle limit, cycles enabled if > 1')
+    g.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate (default: 1e-5)')
+    g.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound for cyclic schedulers that hit 0 (default: 0)')
+    g.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train (default: 300)')
+    g.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number (useful on restarts)')
+    g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES', help='list of decay epoch indices for multistep lr. must be increasing')
+    g.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
+    g.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='epochs to warmup LR, if scheduler supports')
+    g.add_argument('--warmup-prefix', action='store_true', default=False, help='Exclude warmup period from decay schedule.')
+    g.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs to cooldown LR at min_lr, after cyclic schedule ends')
+    g.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='patience epochs for Plateau LR scheduler (default: 10)')
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate (default: 0.1)')
+
+    g = parser.add_argument_group('Augmentation and regularization parameters')
+    g.add_argument('--no-aug', action='store_true', default=False, help='Disable all training augmentation, override other train aug args')
+    g.add_argument('--train-crop-mode', type=str, default=None, help='Crop-mode in train')
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT', help='Random resize scale (default: 0.08 1.0)')
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO', help='Random resize aspect ratio (default: 0.75 1.33)')
+    g.add_argument('--hflip', type=float, default=0.5, help='Horizontal flip training aug probability')
+    g.add_argument('--vflip', type=float, default=0., help='Vertical flip training aug probability')
+    g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='Color jitter factor (default: 0.4)')
+    g.add_argument('--aa', type=str, default=None, metavar='NAME', help='Use AutoAugment policy. "v0" or "original". (default: None)')
+    g.add_argument('--aug-repeats', type=float, default=0, help='Number of augmentation repetitions (m); replicas of an image share a batch. (default: 0)')
+    g.add_argument('--aug-splits', type=int, default=0, help='Number of augmentation splits (default: 0, valid: 0 or >=2)')
+    g.add_argument('--jsd-loss', action='store_true', default=False, help='Enable Jensen-Shannon Divergence + CE loss (same as --loss jsd). Use with --aug-splits.')
+    g.add_argument('--bce-loss', action='store_true', default=False, help='Enable BCE loss w/ Mixup/CutMix use.')
+    g.add_argument('--bce-sum', action='store_true', default=False, help='Sum over classes when using BCE loss.')
+    g.add_argument('--bce-target-thresh', type=float, default=None, help='Threshold for binarizing softened BCE targets (default: None, disabled).')
+    g.add_argument('--bce-pos-weight', type=float, default=None, help='Positive weighting for BCE loss.')
+    g.add_argument('--reprob', type=float, default=0., metavar='PCT', help='Random erase prob (default: 0.)')
+    g.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
+    g.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
+    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0. (default: 0.)')
+    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='Probability of performing mixup or cutmix when either/both is enabled')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='Probability of switching to cutmix when both mixup and cutmix enabled')
+    g.add_argument('--mixup-mode', type=str, default='batch', help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+    g.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='Turn off mixup after this epoch, disabled if 0 (default: 0)')
+    g.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
+    g.add_argument('--train-interpolation', type=str, default='random', help='Training interpolation (random, bilinear, bicubic default: "random")')
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='Dropout rate (default: 0.)')
+    g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='Drop path rate (default: None)')
+
+    g = parser.add_argument_group('Model exponential moving average parameters')
+    g.add_argument('--model-ema', action='store_true', default=False, help='Enable tracking moving average of model weights.')
+    g.add_argument('--model-ema-force-cpu', action='store_true', default=False, help='Force ema to be tracked on CPU, rank=0 node only. Disables EMA validation.')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998, help='Decay factor for model weights moving average (default: 0.9998)')
+    g.add_argument('--model-ema-warmup', action='store_true', help='Enable warmup for model EMA decay.')
+
+    g = parser.add_argument_group('Miscellaneous parameters')
+    g.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    g.add_argument('--log-interval', type=int, default=50, metavar='N', help='how many batches to wait before logging training status')
+    g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep (default: 10)')
+    g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='how many training processes to use (default: 4)')
+    g.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader for more efficient transfer to GPU.')
+    g.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
+    g.add_argument('--output', default='', type=str, metavar='PATH', help='path to output folder (default: none, current dir)')
+    g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment, name of sub-folder for output')
+    g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='Best metric (default: "top1")')
+    g.add_argument('--no-plot', action='store_true', default=False, help='do not write the training-curves PNG at the end')
+    add_losstransform_args(parser)
+    return config_parser, parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """timm's two-stage parse: ``-c`` YAML sets defaults, command-line flags override them."""
+    config_parser, parser = build_parser()
+    args_config, remaining = config_parser.parse_known_args(argv)
+    if args_config.config:
+        if not os.path.isfile(args_config.config):
+            raise UserError(f'config file {args_config.config} not found; pass an existing YAML with -c.')
+        with open(args_config.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise UserError(f'config {args_config.config} has unknown keys {unknown}; keys are flag dest names '
+                            f'(e.g. aug_repeats for --aug-repeats).')
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(remaining)
+    if args.jsd_loss and args.loss == 'ce':
+        args.loss = 'jsd'
+    args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
+    return args, args_text
+
+
+def _resolve_lr(args: argparse.Namespace) -> None:
+    """timm's rule: without --lr, scale --lr-base by the global batch size."""
+    if args.lr is not None:
+        return
+    global_batch_size = args.batch_size * args.world_size
+    batch_ratio = global_batch_size / args.lr_base_size
+    if not args.lr_base_scale:
+        on = args.opt.lower()
+        args.lr_base_scale = 'sqrt' if any(o in on for o in ('ada', 'lamb')) else 'linear'
+    if args.lr_base_scale == 'sqrt':
+        batch_ratio = batch_ratio ** 0.5
+    args.lr = args.lr_base * batch_ratio
+    if utils.is_primary(args):
+        _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) '
+                     f'and effective global batch size ({global_batch_size}) with {args.lr_base_scale} scaling.')
+
+
+def _setup_device(args: argparse.Namespace) -> torch.device:
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        _logger.warning('CUDA is not available: training on the CPU (pass --device cpu to silence this).')
+        args.device = 'cpu'
+    return utils.init_distributed_device(args)
+
+
+def _data_root(args: argparse.Namespace) -> str:
+    root = args.data_dir or args.data
+    if not root:
+        raise UserError('no dataset given: pass the dataset folder with --data-dir DIR (or as the first argument).')
+    if not args.dataset and not os.path.exists(root):
+        raise UserError(f'dataset folder {root} does not exist; pass an ImageFolder root that holds '
+                        f'{args.train_split}/ and a validation split.')
+    return root
+
+
+def _create_model(args: argparse.Namespace, num_classes: int, in_chans: int) -> nn.Module:
+    factory_kwargs = {}
+    if args.pretrained_path:
+        factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    try:
+        model = create_model(
+            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=num_classes,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp, **factory_kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise UserError(f'unknown --model {args.model!r}; list names with python -c "import timm; '
+                            f'print(timm.list_models(\'*{args.model[:6]}*\'))".') from e
+        raise
+    if args.initial_checkpoint:
+        _load_into(model, args.initial_checkpoint, args)
+    return model
+
+
+def _load_into(model: nn.Module, path: str, args: argparse.Namespace) -> None:
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} not found; check the path.')
+    try:
+        timm.models.load_checkpoint(model, path)
+    except RuntimeError as e:
+        raise UserError(_checkpoint_mismatch(path, args, e)) from e
+
+
+def _checkpoint_mismatch(path: str, args: argparse.Namespace, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (f'checkpoint {path} does not fit --model {args.model} with {args.num_classes} classes ({first}); '
+            f'use a checkpoint of the same model and --num-classes.')
+
+
+def _resolve_num_classes(args: argparse.Namespace, dataset_train) -> None:
+    class_to_idx = getattr(dataset_train, 'class_to_idx', None) or getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None)
+    n_data = len(class_to_idx or {})
+    if args.num_classes is None:
+        if not n_data:
+            raise UserError('cannot infer the number of classes from this dataset; pass --num-classes.')
+        args.num_classes = n_data
+    elif n_data and n_data > args.num_classes:
+        raise UserError(f'the training set has {n_data} classes but --num-classes is {args.num_classes}; '
+                        f'set --num-classes {n_data}.')
+
+
+def train_one_epoch(
+        epoch: int,
+        task: ClassificationTask,
+        loader,
+        optimizer: torch.optim.Optimizer,
+        args: argparse.Namespace,
+        device: torch.device,
+        lr_scheduler=None,
+        amp_autocast=suppress,
+        loss_scaler=None,
+        mixup_fn=None,
+) -> 'OrderedDict[str, float]':
+    """One epoch of ``task`` over ``loader``; returns the epoch's mean loss, its parts, time and throughput."""
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if args.prefetcher and getattr(loader, 'mixup_enabled', False):
+            loader.mixup_enabled = False
+        elif mixup_fn is not None:
+            mixup_fn.mixup_enabled = False
+    model = task.get_trainable_module()
+    model.train()
+    criterion = task.criterion
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, base, consistency, samples
+    num_batches = len(loader)
+    num_updates = epoch * num_batches
+    start = last_log = time.time()
+    samples_since_log = 0
+    for batch_idx, (input, target) in enumerate(loader):
+        if not args.prefetcher:
+            input, target = input.to(device), target.to(device)
+            if mixup_fn is not None:
+                input, target = mixup_fn(input, target)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+
+        with amp_autocast():
+            loss = task(input, target)['loss']
+        if not torch.isfinite(loss):
+            raise UserError(
+                f'loss is {loss.item()} at epoch {epoch} step {batch_idx}: training diverged; lower --lr, '
+                f'add --clip-grad 1.0 or drop --amp, then --resume from the last checkpoint.')
+        optimizer.zero_grad()
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode))
+        else:
+            loss.backward()
+            if args.clip_grad is not None:
+                utils.dispatch_clip_grad(task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
+                                         value=args.clip_grad, mode=args.clip_mode)
+            optimizer.step()
+        num_updates += 1
+        task.update_ema(step=num_updates)
+
+        n = input.shape[0]
+        base = criterion.last_base if isinstance(criterion, LossTransform) else loss.detach()
+        cons = criterion.last_consistency if isinstance(criterion, LossTransform) else torch.tensor(float('nan'))
+        sums += torch.tensor([loss.item() * n, base.item() * n, cons.item() * n, n], dtype=torch.float64)
+        samples_since_log += n
+
+        if (batch_idx + 1) % args.log_interval == 0 or batch_idx + 1 == num_batches:
+            now = time.time()
+            rate = samples_since_log * args.world_size / max(now - last_log, 1e-9)
+            eta = (now - start) / (batch_idx + 1) * (num_batches - batch_idx - 1)
+            lr = optimizer.param_groups[0]['lr']
+            if utils.is_primary(args):
+                _logger.info(
+                    f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] loss {loss.item():.4f} '
+                    f'(base {base.item():.4f} + consistency {cons.item():.4f}) lr {lr:.3e} '
+                    f'{rate:.1f} img/s ETA {eta:.0f}s')
+            last_log, samples_since_log = now, 0
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+
+    epoch_time = time.time() - start
+    if args.distributed:
+        sums = _all_reduce_sum(sums, device)
+    count = max(sums[3].item(), 1.0)
+    return OrderedDict([
+        ('loss', sums[0].item() / count),
+        ('loss_base', sums[1].item() / count),
+        ('loss_consistency', sums[2].item() / count),
+        ('epoch_s', epoch_time),
+        ('img_s', sums[3].item() / max(epoch_time, 1e-9)),
+    ])
+
+
+def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = t.to(device=device, dtype=torch.float64 if device.type != 'mps' else torch.float32)
+    torch.distributed.all_reduce(t)
+    return t.cpu().double()
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, args: argparse.Namespace, device: torch.device,
+             amp_autocast=suppress, log_suffix: str = '') -> 'OrderedDict[str, float]':
+    """Top-1/top-5 accuracy (%) and CE loss over ``loader`` (timm's validation semantics)."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss*n, top1*n, top5*n, n
+    for input, target in loader:
+        if not args.prefetcher:
+            input, target = input.to(device), target.to(device)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            output = model(input)
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        loss = loss_fn(output.float(), target)
+        k = min(5, output.shape[-1])
+        acc1, acc5 = utils.accuracy(output, target, topk=(1, k))
+        n = input.shape[0]
+        sums += torch.tensor([loss.item() * n, acc1.item() * n, acc5.item() * n, n], dtype=torch.float64)
+    if args.distributed:
+        sums = _all_reduce_sum(sums, device)
+    n = max(sums[3].item(), 1.0)
+    metrics = OrderedDict([('loss', sums[0].item() / n), ('top1', sums[1].item() / n), ('top5', sums[2].item() / n)])
+    if utils.is_primary(args):
+        _logger.info(f'Test{log_suffix}: loss {metrics["loss"]:.4f} top1 {metrics["top1"]:.3f} top5 {metrics["top5"]:.3f}')
+    return metrics
+
+
+def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]':
+    """Run a full training job; returns the final epoch's eval metrics (and best) for scripting."""
+    check_args(args)
+    args.aug_repeats = int(args.aug_repeats)
+    args.prefetcher = not args.no_prefetcher
+    device = _setup_device(args)
+    if args.distributed:
+        _logger.info(f'Training in distributed mode: process {args.rank}/{args.world_size}, device {args.device}.')
+    utils.random_seed(args.seed, args.rank)
+    _resolve_lr(args)
+
+    root = _data_root(args)
+    dataset_train = load_folder_dataset(args.dataset, root, args.train_split, is_training=True, args=args)
+    dataset_eval = load_folder_dataset(args.dataset, root, args.val_split, is_training=False, args=args)
+    _resolve_num_classes(args, dataset_train)
+    if args.aug_splits > 1:
+        # As timm's train.py: AugMix/JSD splits need the dataset wrapper that returns the clean + augmented splits.
+        dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
+
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
+    model = _create_model(args, args.num_classes, in_chans)
+    data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+    model.to(device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    amp_autocast, loss_scaler = suppress, None
+    if args.amp:
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        if device.type == 'cuda' and amp_dtype == torch.float16:
+            loss_scaler = NativeScaler(device=device.type)
+
+    mixup_args = {}
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    collate_fn, mixup_fn = None, None
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if args.prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    common = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
+                  distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                  use_prefetcher=args.prefetcher)
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats, num_aug_splits=args.aug_splits, interpolation=train_interpolation,
+        collate_fn=collate_fn, aug_repeat_mode=args.lt_epoch, seed=args.seed, **common)
+    loader_eval = create_loader(
+        dataset_eval, input_size=data_config['input_size'],
+        batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    if mixup_active and args.aug_repeats and args.mixup_mode != 'batch' and utils.is_primary(args):
+        _logger.warning(f'--mixup-mode {args.mixup_mode} mixes each replica with its own lambda; use --mixup-mode '
+                        f'batch to keep replicas of an image consistently mixed.')
+
+    criterion = criterion_from_args(args, mixup_active)
+    if args.aug_repeats >= 2 and not isinstance(criterion, LossTransform) and args.loss != 'jsd':
+        # Repeats without T(L): still measure the replicas' consistency (rho = 0 returns the base loss exactly).
+        criterion = LossTransform(criterion, num_repeats=args.aug_repeats, rho=0.)
+    task = ClassificationTask(model=model, criterion=criterion, device=device, verbose=False)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+
+    resume_epoch = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise UserError(f'--resume checkpoint {args.resume} not found; pass the last.pth.tar of the run to continue.')
+        try:
+            resume_epoch = resume_task_checkpoint(
+                task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+                loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
+        except (RuntimeError, KeyError) as e:
+            raise UserError(_checkpoint_mismatch(args.resume, args, e)) from e
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device='cpu' if args.model_ema_force_cpu else None)
+        if args.resume:
+            load_task_ema_checkpoint(task, args.resume)
+    if args.distributed:
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None)
+
+    updates_per_epoch = len(loader_train)
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    saver, output_dir = None, None
+    eval_metric = args.eval_metric
+    decreasing = eval_metric == 'loss'
+    if utils.is_primary(args):
+        exp_name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
+        output_dir = utils.get_outdir(args.output or './output/train', exp_name)
+        saver = utils.CheckpointSaver(
+            model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
+            recovery_dir=output_dir, decreasing=decreasing, max_history=args.checkpoint_hist, task=task)
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+            saver.load_state_dict_from_checkpoint(args.resume)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        _logger.info(
+            f'Model {safe_model_name(args.model)} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
+            f'{len(dataset_train)} train / {len(dataset_eval)} val images, {args.num_classes} classes. '
+            f'Criterion: {describe_criterion(criterion)}. Sampler: '
+            + (f'grouped repeats m={args.aug_repeats}, mode {args.lt_epoch}, {len(loader_train)} batches/epoch'
+               if args.aug_repeats else f'plain, {len(loader_train)} batches/epoch')
+            + f'. Output: {output_dir}. Epochs {start_epoch}..{num_epochs - 1}.')
+
+    best_metric, best_epoch = None, None
+    eval_metrics = OrderedDict()
+    for epoch in range(start_epoch, num_epochs):
+        for obj in (getattr(loader_train, 'batch_sampler', None), getattr(loader_train, 'sampler', None)):
+            if hasattr(obj, 'set_epoch'):
+                obj.set_epoch(epoch)
+                break
+        train_metrics = train_one_epoch(
+            epoch, task, loader_train, optimizer, args, device, lr_scheduler=lr_scheduler,
+            amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn)
+        eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast)
+        if task.has_ema() and not args.model_ema_force_cpu:
+            ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast, ' (EMA)')
+            eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+        if output_dir is not None:
+            lrs = [pg['lr'] for pg in optimizer.param_groups]
+            utils.update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
+                                 lr=sum(lrs) / len(lrs))
+        if saver is not None:
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[eval_metric])
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, eval_metrics[eval_metric])
+
+    if output_dir is not None:
+        if best_metric is not None:
+            _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+        if not args.no_plot and os.path.exists(os.path.join(output_dir, 'summary.csv')):
+            png = plot_training_curves(os.path.join(output_dir, 'summary.csv'), os.path.join(output_dir, 'curves.png'),
+                                       title=f'{args.model} --loss {args.loss}')
+            _logger.info(f'Training curves: {png}')
+    result = OrderedDict(eval_metrics)
+    result['best'] = best_metric
+    result['output_dir'] = output_dir
+    return result

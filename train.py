@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""Train an image classifier with timm + LossTransform.
+
+    python train.py --data-dir DIR --model resnet50 --pretrained --loss losstransform --aug-repeats 3 -c configs/...yaml
+
+timm's train.py flags and YAML recipes (-c) carry over; see ``python train.py --help``. The logic lives in
+``lt_timm.training``.
+"""
+from timm import utils
+
+from lt_timm.errors import exit_on_user_error
+from lt_timm.training import parse_args, train
+
+
+@exit_on_user_error
+def main():
+    utils.setup_default_logging()
+    args, args_text = parse_args()
+    train(args, args_text)
+
+
+if __name__ == '__main__':
+    main()
