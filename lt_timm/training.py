@@ -22,7 +22,7 @@ import yaml
 
 import timm
 from timm import utils
-from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, resolve_data_config
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, resolve_data_config
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -408,9 +408,6 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
     dataset_train = load_folder_dataset(args.dataset, root, args.train_split, is_training=True, args=args)
     dataset_eval = load_folder_dataset(args.dataset, root, args.val_split, is_training=False, args=args)
     _resolve_num_classes(args, dataset_train)
-    if args.aug_splits > 1:
-        # As timm's train.py: AugMix/JSD splits need the dataset wrapper that returns the clean + augmented splits.
-        dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
 
     in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
     model = _create_model(args, args.num_classes, in_chans)
@@ -437,6 +434,14 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
             collate_fn = FastCollateMixup(**mixup_args)
         else:
             mixup_fn = Mixup(**mixup_args)
+
+    if args.aug_splits == 1 or args.aug_splits < 0:
+        raise UserError(f'--aug-splits must be 0 or >= 2, got {args.aug_splits}.')
+    if args.aug_splits > 1:
+        if mixup_active and args.prefetcher:
+            raise UserError('--aug-splits cannot be combined with mixup/cutmix under the prefetcher; add --no-prefetcher.')
+        # As timm's train.py: AugMix/JSD splits need the wrapper that returns the clean + augmented splits.
+        dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
 
     train_interpolation = args.train_interpolation
     if args.no_aug or not train_interpolation:

@@ -220,3 +220,13 @@ def test_torchrun_two_processes_gloo(image_folder, tmp_path):
     assert 'distributed mode' in out and 'process 1/2' in out
     rows = read_summary(tmp_path / 'ddp' / 'summary.csv')
     assert len(rows) == 1 and float(rows[0]['train_loss_consistency']) > 0
+
+
+def test_jsd_peer_runs_with_aug_splits(image_folder, tmp_path):
+    """The AugMix JSD peer (timm JsdCrossEntropy over --aug-splits) trains through the same CLI."""
+    run('train.py', '--data-dir', image_folder, *RGB_FLAGS, '-b', '12', '--epochs', '1', '--loss', 'jsd',
+        '--aug-splits', '3', '--output', tmp_path, '--experiment', 'jsd')
+    assert 'loss: jsd' in (tmp_path / 'jsd' / 'args.yaml').read_text()
+    assert len(read_summary(tmp_path / 'jsd' / 'summary.csv')) == 1
+    p = run('train.py', '--data-dir', image_folder, *RGB_FLAGS, '--loss', 'jsd', check=False)
+    assert_clean_failure(p, '--aug-splits')

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Stand-in for timm 1.0.x release train.py shape (before the task API), written for lt_timm's launcher tests.
+
+It has the hook points of timm's script — module-level ``config_parser``/``parser``, ``_parse_args`` with a
+YAML ``-c`` config, ``create_loader`` imported from ``timm.data``, timm's criterion choice from
+``--smoothing``/``--mixup``/``--cutmix``/``--bce-loss``, a ``ClassificationTask(model=..., criterion=...)``
+and a ``main()`` — but trains only a few steps and writes ``evidence_rank{R}.json`` to ``--output``:
+the criterion it trained with, the validation criterion, and the targets of every training batch.
+It knows nothing about lt_timm.
+"""
+import argparse
+import json
+import logging
+import os
+
+import torch
+import torch.nn as nn
+import yaml
+from timm import utils
+from timm.data import create_dataset, create_loader, resolve_data_config, FastCollateMixup, Mixup
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import create_model
+from torch.nn.parallel import DistributedDataParallel as NativeDDP
+
+_logger = logging.getLogger('train')
+
+config_parser = parser = argparse.ArgumentParser(description='Training Config', add_help=False)
+parser.add_argument('-c', '--config', default='', type=str, metavar='FILE', help='YAML config file')
+
+parser = argparse.ArgumentParser(description='stand-in timm training script (legacy loss_fn)')
+parser.add_argument('data', metavar='DIR')
+parser.add_argument('--model', default='test_resnet', type=str)
+parser.add_argument('--num-classes', type=int, default=None)
+parser.add_argument('--img-size', type=int, default=32)
+parser.add_argument('-b', '--batch-size', type=int, default=12)
+parser.add_argument('--epochs', type=int, default=1)
+parser.add_argument('--lr', type=float, default=0.01)
+parser.add_argument('--smoothing', type=float, default=0.)
+parser.add_argument('--mixup', type=float, default=0.)
+parser.add_argument('--cutmix', type=float, default=0.)
+parser.add_argument('--mixup-mode', type=str, default='batch')
+parser.add_argument('--bce-loss', action='store_true', default=False)
+parser.add_argument('--aug-repeats', type=float, default=0)
+parser.add_argument('--seed', type=int, default=42)
+parser.add_argument('--device', default='cpu', type=str)
+parser.add_argument('--dist-backend', default=None, type=str)
+parser.add_argument('--workers', type=int, default=0)
+parser.add_argument('--no-prefetcher', action='store_true', default=False)
+parser.add_argument('--output', default='', type=str)
+
+
+def _parse_args():
+    args_config, remaining = config_parser.parse_known_args()
+    if args_config.config:
+        with open(args_config.config, 'r') as f:
+            cfg = yaml.safe_load(f)
+            parser.set_defaults(**cfg)
+    args = parser.parse_args(remaining)
+    args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
+    return args, args_text
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args, args_text = _parse_args()
+    args.prefetcher = not args.no_prefetcher
+    device = utils.init_distributed_device(args)
+    utils.random_seed(args.seed, args.rank)
+
+    dataset_train = create_dataset('', root=args.data, split='train', is_training=True)
+    num_classes = args.num_classes or len(dataset_train.reader.class_to_idx)
+    model = create_model(args.model, num_classes=num_classes).to(device)
+    data_config = resolve_data_config(dict(input_size=(3, args.img_size, args.img_size)), model=model)
+
+    mixup_active = args.mixup > 0 or args.cutmix > 0
+    collate_fn = mixup_fn = None
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=num_classes)
+        if args.prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+
+    loader_train = create_loader(
+        dataset_train,
+        input_size=data_config['input_size'],
+        batch_size=args.batch_size,
+        is_training=True,
+        num_aug_repeats=args.aug_repeats,
+        interpolation=data_config['interpolation'],
+        mean=data_config['mean'],
+        std=data_config['std'],
+        num_workers=args.workers,
+        distributed=args.distributed,
+        collate_fn=collate_fn,
+        use_prefetcher=args.prefetcher,
+        device=device,
+    )
+    loader_eval = create_loader(
+        create_dataset('', root=args.data, split='train', is_training=False),
+        input_size=data_config['input_size'],
+        batch_size=args.batch_size,
+        is_training=False,
+        num_workers=args.workers,
+        distributed=False,
+        use_prefetcher=args.prefetcher,
+        device=device,
+    )
+
+    # the criterion, chosen from the flags as timm's train.py does
+    if mixup_active:
+        train_loss_fn = BinaryCrossEntropy() if args.bce_loss else SoftTargetCrossEntropy()
+    elif args.smoothing:
+        train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing) if args.bce_loss \
+            else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = nn.CrossEntropyLoss()
+    validate_loss_fn = nn.CrossEntropyLoss()
+
+    if args.distributed:
+        model = NativeDDP(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+
+    batches = []
+    for epoch in range(args.epochs):
+        if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        batches += train_one_epoch(
+            epoch, model, loader_train, optimizer, train_loss_fn, args, device=device, mixup_fn=mixup_fn)
+    val_loss = validate(model, loader_eval, validate_loss_fn)
+
+    crit = TRAINED_WITH['loss_fn']
+    base = getattr(crit, 'base_loss', None)
+    evidence = dict(
+        rank=args.rank, world_size=args.world_size, args=yaml.safe_load(args_text),
+        criterion=type(crit).__name__, criterion_repr=repr(crit),
+        base_criterion=type(base).__name__ if base is not None else None,
+        rho=getattr(crit, 'rho', None), num_repeats=getattr(crit, 'num_repeats', None),
+        last_consistency=float(crit.last_consistency) if getattr(crit, 'last_consistency', None) is not None else None,
+        validate_criterion=type(validate_loss_fn).__name__, val_loss=val_loss, batches=batches,
+    )
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, f'evidence_rank{args.rank}.json'), 'w') as f:
+            json.dump(evidence, f)
+    if args.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+TRAINED_WITH = {}
+
+
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device=torch.device('cuda'), mixup_fn=None):
+    TRAINED_WITH['loss_fn'] = loss_fn
+    model.train()
+    seen = []
+    for input, target in loader:
+        if mixup_fn is not None:
+            input, target = mixup_fn(input, target)
+        output = model(input)
+        loss = loss_fn(output, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen.append(target.tolist())
+        _logger.info(f'Train: {epoch} loss {loss.item():.4f}')
+    return seen
+
+
+def validate(model, loader, loss_fn):
+    model.eval()
+    with torch.no_grad():
+        losses = [loss_fn(model(input), target).item() for input, target in loader]
+    return sum(losses) / max(1, len(losses))
+
+
+if __name__ == '__main__':
+    main()
