@@ -1,6 +1,6 @@
 """User-facing errors: one clear message, the fix included, no traceback wall."""
-import logging
 import os
+import re
 import sys
 from functools import wraps
 
@@ -14,7 +14,9 @@ class UserError(Exception):
 def _first_meaningful_line(exc: BaseException) -> str:
     # DataLoader workers re-raise with the worker traceback in the message; the last line is the error.
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    return re.sub(r'^[\w.]+(Error|Exception): ', '', lines[-1])
 
 
 def exit_on_user_error(fn):
@@ -26,7 +28,7 @@ def exit_on_user_error(fn):
         except (UserError, ValueError, FileNotFoundError) as e:
             if os.environ.get('LT_TIMM_DEBUG'):
                 raise
-            logging.getLogger('lt_timm').error('error: %s', _first_meaningful_line(e))
-            sys.stderr.flush()
+            sys.stdout.flush()
+            print(f'error: {_first_meaningful_line(e)}', file=sys.stderr, flush=True)
             sys.exit(2)
     return wrapper
