@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Benchmark: plain multi-task loss (l_multi) vs instance-level LossTransform T(l_multi) on PennFudanPed.
+
+Runs ``train_detection.py`` with ``configs/detection/pennfudan_cpu_bench.yaml`` (Mask R-CNN, timm
+mobilenetv3_large_100 + FPN, from scratch, 160 px, 120 train / 50 val images) for each loss and seed, one run
+at a time, then writes
+
+* ``benchmarks/results/detection_pennfudan.csv``  — one row per run + a mean row per loss;
+* ``benchmarks/results/detection_pennfudan.json`` — command, versions, seeds, per-run metrics and curves;
+* ``benchmarks/results/detection_pennfudan.png``  — final box/mask AP per loss and AP-vs-epoch curves.
+
+Usage:
+    python benchmarks/detection_pennfudan.py --data-dir /tmp/datasets/pennfudan/data/PennFudanPed
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ('box_AP', 'box_AP50', 'box_AP75', 'mask_AP', 'mask_AP50', 'mask_AP75')
+LABEL = {'multi': 'l_multi', 'losstransform': 'T(l_multi)'}
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--data-dir', default='/tmp/datasets/pennfudan/data/PennFudanPed')
+    p.add_argument('--config', default=os.path.join(REPO, 'configs', 'detection', 'pennfudan_cpu_bench.yaml'))
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    p.add_argument('--losses', nargs='+', default=['multi', 'losstransform'])
+    p.add_argument('--output', default=os.path.join(REPO, 'output', 'detection', 'bench'))
+    p.add_argument('--results', default=os.path.join(REPO, 'benchmarks', 'results'))
+    p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='extra train_detection.py flags')
+    return p.parse_args()
+
+
+def read_summary(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (float(v) if v not in ('', None) else None) for k, v in r.items()} for r in rows]
+
+
+def plot(runs, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    losses = sorted({r['loss'] for r in runs}, key=lambda x: ['multi', 'losstransform'].index(x))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.38
+    for li, loss in enumerate(losses):
+        rs = [r for r in runs if r['loss'] == loss]
+        for mi, key in enumerate(('box_AP', 'mask_AP')):
+            vals = [r[key] for r in rs]
+            x = mi + (li - 0.5) * width
+            ax[0].bar(x, sum(vals) / len(vals), width, color=f'C{li}', alpha=0.7,
+                      label=LABEL[loss] if mi == 0 else None)
+            ax[0].scatter([x] * len(vals), vals, color='k', s=12, zorder=3)
+        for ki, key in enumerate(('train_loss', 'train_consistency')):
+            for si, r in enumerate(rs):
+                pts = [(c['epoch'] + 1, c[key]) for c in r['curve'] if c.get(key) is not None]
+                if pts:
+                    ax[1 + ki].plot(*zip(*pts), marker='o', color=f'C{li}', alpha=0.8,
+                                    linestyle='-' if si == 0 else '--',
+                                    label=f'{LABEL[loss]} seed {r["seed"]}')
+    ax[0].set_xticks([0, 1])
+    ax[0].set_xticklabels(['box AP', 'mask AP'])
+    ax[0].set_ylabel('AP@[.5:.95] (%)')
+    ax[0].set_title('final AP (bars: mean, dots: seeds)')
+    ax[0].legend()
+    titles = ('training loss (sum of the loss dict)', 'measured consistency (unweighted, both losses)')
+    for ki, title in enumerate(titles):
+        ax[1 + ki].set_xlabel('epoch')
+        ax[1 + ki].set_title(title)
+        ax[1 + ki].legend(fontsize=7)
+    fig.suptitle('PennFudanPed, Mask R-CNN (mobilenetv3_large_100 FPN, scratch, 160 px, CPU)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    a = parse()
+    if not os.path.isdir(a.data_dir):
+        print(f'error: PennFudanPed directory not found: {a.data_dir}', file=sys.stderr)
+        return 2
+    os.makedirs(a.results, exist_ok=True)
+    runs, t_all = [], time.time()
+    for seed in a.seeds:
+        for loss in a.losses:
+            exp = f'{loss}-s{seed}'
+            cmd = [sys.executable, os.path.join(REPO, 'train_detection.py'), '-c', a.config, '--data-dir', a.data_dir,
+                   '--loss', loss, '--seed', str(seed), '--output', a.output, '--experiment', exp, '--no-plot',
+                   *a.extra]
+            print('$ ' + ' '.join(cmd), flush=True)
+            t0 = time.time()
+            env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+            r = subprocess.run(cmd, env=env)
+            if r.returncode != 0:
+                print(f'error: run {exp} failed with exit code {r.returncode}', file=sys.stderr)
+                return r.returncode
+            curve = read_summary(os.path.join(a.output, exp, 'summary.csv'))
+            final = curve[-1]
+            run = {'loss': loss, 'seed': seed, 'wall_s': round(time.time() - t0, 1),
+                   **{k: final.get(k) for k in METRICS}, 'train_consistency': final.get('train_consistency'),
+                   'curve': curve}
+            runs.append(run)
+            print(f'{exp}: ' + '  '.join(f'{k} {run[k]:.2f}' for k in METRICS), flush=True)
+
+    csv_path = os.path.join(a.results, 'detection_pennfudan.csv')
+    fields = ['loss', 'seed', *METRICS, 'train_consistency', 'wall_s']
+    rows = [{k: r[k] for k in fields} for r in runs]
+    for loss in a.losses:
+        rs = [r for r in runs if r['loss'] == loss]
+        mean = {'loss': loss, 'seed': 'mean'}
+        for k in (*METRICS, 'train_consistency', 'wall_s'):
+            mean[k] = sum(r[k] for r in rs) / len(rs)
+        rows.append(mean)
+    with open(csv_path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f'{v:.3f}' if isinstance(v, float) else v) for k, v in r.items()})
+
+    import timm
+    import torch
+    import torchvision
+    info = {
+        'command': ' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        'config': os.path.relpath(a.config, REPO), 'extra_flags': a.extra, 'seeds': a.seeds, 'losses': a.losses,
+        'versions': {'python': platform.python_version(), 'torch': torch.__version__,
+                     'torchvision': torchvision.__version__, 'timm': timm.__version__},
+        'machine': {'platform': platform.platform(), 'cpus': os.cpu_count(), 'device': 'cpu'},
+        'total_wall_s': round(time.time() - t_all, 1),
+        'mean': {r['loss']: {k: r[k] for k in METRICS} for r in rows if r['seed'] == 'mean'},
+        'runs': runs,
+    }
+    with open(os.path.join(a.results, 'detection_pennfudan.json'), 'w') as f:
+        json.dump(info, f, indent=2)
+    plot(runs, os.path.join(a.results, 'detection_pennfudan.png'))
+    print(f'wrote {csv_path} (total {info["total_wall_s"]:.0f}s)')
+    for r in rows:
+        if r['seed'] == 'mean':
+            print(f'{LABEL[r["loss"]]:>11s}: ' + '  '.join(f'{k} {r[k]:.2f}' for k in METRICS))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Detection datasets (PennFudanPed, COCO format) and the replica collate.
+
+Every dataset returns ``(image, target)`` with ``image`` a float ``(3, H, W)`` tensor in [0, 1] and ``target``
+holding ``boxes`` (xyxy float), ``labels`` (int64, 1..K), ``masks`` (uint8 ``(N, H, W)``), ``image_id``,
+``area`` and ``iscrowd``. ``img_size`` (optional) resizes each image so its longer side is ``img_size``
+(reduced-resolution training); boxes and masks are resized with it, and evaluation happens in that frame.
+
+:class:`ReplicaDataset` turns item ``i`` into ``m`` independently augmented replicas; :func:`replica_collate`
+flattens a list of such items so that the replicas of each image are consecutive, i.e. row ``r`` of the batch
+belongs to source image ``lt_timm.layout.replica_groups(B, m)[r]``.
+"""
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from ..layout import replica_groups
+from .transforms import identity_params
+
+__all__ = ['PennFudanDataset', 'CocoDetectionDataset', 'ReplicaDataset', 'replica_collate', 'eval_collate',
+           'split_indices', 'masks_to_boxes_safe', 'resize_sample']
+
+
+def _require(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{what} not found: {path}')
+
+
+def _load_rgb(path: str) -> torch.Tensor:
+    from PIL import Image
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert('RGB'), dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def masks_to_boxes_safe(masks: torch.Tensor) -> torch.Tensor:
+    """xyxy boxes of binary masks ``(N, H, W)``, pixel-edge convention (x2 = last column + 1)."""
+    n = masks.shape[0]
+    out = torch.zeros((n, 4), dtype=torch.float32)
+    for i in range(n):
+        ys, xs = torch.nonzero(masks[i], as_tuple=True)
+        if ys.numel():
+            out[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    return out
+
+
+def resize_sample(img: torch.Tensor, target: Dict, img_size: Optional[int]) -> Tuple[torch.Tensor, Dict]:
+    """Resize so that the longer side is ``img_size`` (no-op if None)."""
+    if not img_size:
+        return img, target
+    h, w = img.shape[-2:]
+    s = img_size / max(h, w)
+    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    if (nh, nw) == (h, w):
+        return img, target
+    img = F.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    t = dict(target)
+    t['boxes'] = target['boxes'] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+    if 'masks' in target and target['masks'].shape[0]:
+        t['masks'] = F.resize(target['masks'], [nh, nw], interpolation=InterpolationMode.NEAREST)
+    elif 'masks' in target:
+        t['masks'] = target['masks'].new_zeros((0, nh, nw))
+    if 'area' in target:
+        t['area'] = target['area'] * (nw / w) * (nh / h)
+    return img, t
+
+
+class PennFudanDataset(Dataset):
+    """PennFudanPed: ``root/PNGImages/*.png`` and ``root/PedMasks/*_mask.png`` (each pedestrian a distinct
+    pixel value, 0 = background). One class (label 1 = pedestrian); boxes from the masks."""
+
+    num_classes = 2  # background + pedestrian
+    class_names = ['pedestrian']
+
+    def __init__(self, root: str, img_size: Optional[int] = None, cache: bool = True):
+        _require(root, 'PennFudanPed directory')
+        self.root = root
+        img_dir, mask_dir = os.path.join(root, 'PNGImages'), os.path.join(root, 'PedMasks')
+        _require(img_dir, 'PennFudanPed image folder (PNGImages/)')
+        _require(mask_dir, 'PennFudanPed mask folder (PedMasks/)')
+        self.imgs = sorted(f for f in os.listdir(img_dir) if f.lower().endswith('.png'))
+        if not self.imgs:
+            raise FileNotFoundError(f'no .png images in {img_dir}')
+        self.masks = []
+        for f in self.imgs:
+            m = os.path.splitext(f)[0] + '_mask.png'
+            _require(os.path.join(mask_dir, m), 'PennFudanPed mask')
+            self.masks.append(m)
+        self.img_size = img_size
+        self._cache: Dict[int, Tuple[torch.Tensor, Dict]] = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.imgs)
+
+    def _load(self, idx: int):
+        img = _load_rgb(os.path.join(self.root, 'PNGImages', self.imgs[idx]))
+        from PIL import Image
+        with Image.open(os.path.join(self.root, 'PedMasks', self.masks[idx])) as im:
+            mask = torch.from_numpy(np.asarray(im, dtype=np.int64).copy())
+        ids = torch.unique(mask)
+        ids = ids[ids != 0]
+        masks = (mask[None] == ids.view(-1, 1, 1)).to(torch.uint8)
+        boxes = masks_to_boxes_safe(masks)
+        n = masks.shape[0]
+        target = {'boxes': boxes, 'labels': torch.ones((n,), dtype=torch.int64), 'masks': masks,
+                  'image_id': idx, 'area': (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+                  'iscrowd': torch.zeros((n,), dtype=torch.int64)}
+        img, target = resize_sample(img, target, self.img_size)
+        return img, target
+
+    def __getitem__(self, idx: int):
+        if self._cache is not None and idx in self._cache:
+            img, target = self._cache[idx]
+        else:
+            img, target = self._load(idx)
+            if self._cache is not None:
+                self._cache[idx] = (img, target)
+        return img.float() / 255.0, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in target.items()}
+
+
+class CocoDetectionDataset(Dataset):
+    """COCO-format detection/instance segmentation: an image folder and an ``instances_*.json``.
+
+    Category ids are mapped to contiguous labels ``1..K`` (``self.cat_ids[label - 1]`` gives the COCO id back).
+    Crowd annotations are left out of the training targets (COCOeval handles them from the JSON).
+    """
+
+    def __init__(self, img_dir: str, ann_file: str, img_size: Optional[int] = None, masks: bool = True,
+                 remove_empty: bool = False):
+        _require(img_dir, 'COCO image folder')
+        _require(ann_file, 'COCO annotation file')
+        import contextlib
+        import io
+        from pycocotools.coco import COCO
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(ann_file)
+        self.img_dir = img_dir
+        self.ann_file = ann_file
+        self.img_size = img_size
+        self.with_masks = masks
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.class_names = [self.coco.cats[c]['name'] for c in self.cat_ids]
+        self.num_classes = len(self.cat_ids) + 1
+        ids = sorted(self.coco.imgs.keys())
+        if remove_empty:
+            ids = [i for i in ids if any(not a.get('iscrowd', 0) for a in self.coco.imgToAnns.get(i, []))]
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx: int):
+        img_id = self.ids[idx]
+        info = self.coco.imgs[img_id]
+        path = os.path.join(self.img_dir, info['file_name'])
+        _require(path, 'COCO image')
+        img = _load_rgb(path)
+        h, w = img.shape[-2:]
+        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get('iscrowd', 0)]
+        boxes, labels, masks = [], [], []
+        for a in anns:
+            x, y, bw, bh = a['bbox']
+            if bw < 1 or bh < 1:
+                continue
+            boxes.append([x, y, min(x + bw, w), min(y + bh, h)])
+            labels.append(self.cat_to_label[a['category_id']])
+            if self.with_masks:
+                masks.append(torch.from_numpy(self.coco.annToMask(a)))
+        n = len(boxes)
+        target = {
+            'boxes': torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+            'labels': torch.tensor(labels, dtype=torch.int64),
+            'image_id': img_id,
+            'iscrowd': torch.zeros((n,), dtype=torch.int64),
+        }
+        target['area'] = (target['boxes'][:, 2] - target['boxes'][:, 0]) * (target['boxes'][:, 3] - target['boxes'][:, 1])
+        if self.with_masks:
+            target['masks'] = torch.stack(masks).to(torch.uint8) if n else torch.zeros((0, h, w), dtype=torch.uint8)
+        img, target = resize_sample(img, target, self.img_size)
+        return img.float() / 255.0, target
+
+
+class ReplicaDataset(Dataset):
+    """Item ``i`` -> list of ``num_repeats`` ``(image, target, ReplicaParams)`` replicas of source image ``i``.
+
+    The randomness is a function of ``(seed, epoch, i)`` — call :meth:`set_epoch` each epoch — so runs are
+    reproducible with any number of workers. ``augment=None`` gives identity replicas (evaluation).
+    """
+
+    def __init__(self, base: Dataset, num_repeats: int = 1, augment: Optional[Callable] = None,
+                 indices: Optional[Sequence[int]] = None, seed: int = 0):
+        if num_repeats < 1:
+            raise ValueError(f'num_repeats must be >= 1, got {num_repeats}.')
+        self.base = base
+        self.num_repeats = num_repeats
+        self.augment = augment
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, target = self.base[self.indices[i]]
+        n = target['boxes'].shape[0]
+        target['instance_ids'] = torch.arange(n)
+        g = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch * 10007 + i) % (2 ** 62))
+        out = []
+        for _ in range(self.num_repeats):
+            if self.augment is None:
+                t = dict(target)
+                t['visible'] = torch.ones(n)
+                out.append((img.clone(), t, identity_params(tuple(img.shape[-2:]))))
+            else:
+                out.append(self.augment(img, dict(target), generator=g))
+        return out
+
+
+def replica_collate(batch: List[List[tuple]]):
+    """Flatten ``[[replicas of image 0], [replicas of image 1], ...]`` -> ``(images, targets, params)`` lists
+    with the replicas of each image consecutive (the :mod:`lt_timm.layout` block layout)."""
+    images, targets, params = [], [], []
+    m = len(batch[0]) if batch else 1
+    for item in batch:
+        if len(item) != m:
+            raise ValueError('all items of a batch must have the same number of replicas.')
+        for img, t, p in item:
+            images.append(img)
+            targets.append(t)
+            params.append(p)
+    if images:  # the layout this collate produces is the one replica_groups describes
+        groups = replica_groups(len(images), m).tolist()
+        assert groups == [i // m for i in range(len(images))]
+    return images, targets, params
+
+
+def eval_collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def split_indices(n: int, val_size: int, seed: int = 0) -> Tuple[List[int], List[int]]:
+    """Seeded permutation of ``range(n)``; the last ``val_size`` are validation."""
+    if not 0 <= val_size < n:
+        raise ValueError(f'val_size must be in [0, {n}), got {val_size}.')
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[:n - val_size], perm[n - val_size:]

@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""LossTransform detection training: torchvision Mask/Faster R-CNN with l_multi or T(l_multi).
+
+Example (PennFudanPed, Table 4 recipe):
+    python train_detection.py -c configs/detection/pennfudan_maskrcnn_resnet50_lt.yaml --data-dir /data/PennFudanPed
+
+All logic lives in lt_timm/detection/ (see docs/detection.md).
+"""
+import sys
+
+from lt_timm.detection.train import main
+
+if __name__ == '__main__':
+    sys.exit(main())
