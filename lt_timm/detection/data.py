@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from ..layout import replica_groups
 from .transforms import identity_params
 
 __all__ = ['PennFudanDataset', 'CocoDetectionDataset', 'ReplicaDataset', 'replica_collate', 'eval_collate',
@@ -237,9 +236,7 @@ def replica_collate(batch: List[List[tuple]]):
             images.append(img)
             targets.append(t)
             params.append(p)
-    if images:  # the layout this collate produces is the one replica_groups describes
-        groups = replica_groups(len(images), m).tolist()
-        assert groups == [i // m for i in range(len(images))]
+    # Item-major order: the rows are laid out as lt_timm.layout.replica_groups(len(images), m) describes.
     return images, targets, params
 
 
