@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (REPO, RESULTS, environment, log, read_summary, run_cmd, shell_join,  # noqa: E402
+from benchmarks.common import (IMAGENETTE_AUG, REPO, RESULTS, environment, log, read_summary, run_cmd, shell_join,  # noqa: E402
                                write_csv, write_json)
 
 # name -> (extra train.py flags, epoch multiplier, compute per epoch relative to CE, note)
@@ -235,7 +235,7 @@ def main(argv=None):
         args.recipe = ['--in-chans', '1', '--mean', '0.1307', '--std', '0.3081'] + aug
         args.view_aug = ['--in-chans', '1', '--mean', '0.1307', '--std', '0.3081'] + aug
     else:
-        aug = ['--scale', '0.35', '1.0', '--hflip', '0.5', '--color-jitter', '0.3']
+        aug = list(IMAGENETTE_AUG)
         args.recipe = aug[:]
         args.view_aug = aug[:]
     args.recipe += ['-b', str(args.batch_size), '--opt', 'sgd', '--lr', str(args.lr), '--momentum', '0.9',

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, 'benchmarks', 'results')
+# The Imagenette training augmentation shared by accuracy.py, sweep.py and finetune.py.
+IMAGENETTE_AUG = ['--scale', '0.35', '1.0', '--hflip', '0.5', '--color-jitter', '0.3']
 
 
 def environment() -> Dict[str, object]:

@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import REPO, RESULTS, environment, log, read_summary, run_cmd, shell_join, write_csv, write_json  # noqa: E402
+from benchmarks.common import IMAGENETTE_AUG, REPO, RESULTS, environment, log, read_summary, run_cmd, shell_join, write_csv, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument('--output', default=os.path.join(REPO, 'output', 'bench_finetune'))
     p.add_argument('--out-prefix', default=os.path.join(RESULTS, 'finetune'))
     args = p.parse_args(argv)
-    aug = ['--scale', '0.35', '1.0', '--hflip', '0.5', '--color-jitter', '0.3']
+    aug = list(IMAGENETTE_AUG)
     base = ['--data-dir', args.data_dir, '--val-split', 'val', '--model', args.model, '--img-size', str(args.img_size),
             '-b', str(args.batch_size), '--opt', 'sgd', '--momentum', '0.9', '--weight-decay', '5e-5',
             '--smoothing', '0.1', '--device', args.device, '--workers', str(args.workers), '--log-interval', '1000',

@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import REPO, RESULTS, environment, log, read_summary, run_cmd, shell_join, write_csv, write_json  # noqa: E402
+from benchmarks.common import IMAGENETTE_AUG, REPO, RESULTS, environment, log, read_summary, run_cmd, shell_join, write_csv, write_json  # noqa: E402
 
 LT = ['--loss', 'losstransform', '--lt-epoch', 'v1']
 CONFIGS = [
@@ -77,7 +77,7 @@ def main(argv=None):
     p.add_argument('--output', default=os.path.join(REPO, 'output', 'bench_sweep'))
     p.add_argument('--out-prefix', default=os.path.join(RESULTS, 'sweep'))
     args = p.parse_args(argv)
-    aug = ['--scale', '0.35', '1.0', '--hflip', '0.5', '--color-jitter', '0.3']
+    aug = list(IMAGENETTE_AUG)
     recipe = aug + ['-b', str(args.batch_size), '--opt', 'sgd', '--lr', str(args.lr), '--momentum', '0.9',
                     '--weight-decay', '5e-5', '--sched', 'cosine', '--sched-on-updates', '--warmup-epochs', '1', '--smoothing', '0.1',
                     '--device', args.device, '--workers', str(args.workers), '--log-interval', '1000',
