@@ -31,7 +31,8 @@ def add_losstransform_args(parser: argparse.ArgumentParser, with_loss: bool = Tr
                        help='use KL(p_i || pbar) (AugMix direction) instead of the paper\'s KL(pbar || p_i)')
     group.add_argument('--lt-epoch', default=LT_ARG_DEFAULTS['lt_epoch'], choices=EPOCH_MODES,
                        help='repeated-augmentation epoch: v1 = as many samples as a plain epoch (paper\'s '
-                            'LossTransform-v1), full = every image m times (default: v1)')
+                            'LossTransform-v1), full = every image m times in -b rows per step, original = the '
+                            'paper\'s first LT: -b images x m replicas per step (default: v1)')
     return group
 
 
@@ -47,7 +48,8 @@ def check_args(args: Any) -> None:
             f'--loss losstransform needs --aug-repeats >= 2 (replicas of each image to compare), got {aug_repeats}; '
             f'add e.g. --aug-repeats 3.')
     batch_size = getattr(args, 'batch_size', None)
-    if aug_repeats and batch_size is not None and aug_repeats > batch_size:
+    original = getattr(args, 'lt_epoch', 'v1') == 'original'  # -b counts images there, each m rows
+    if aug_repeats and batch_size is not None and aug_repeats > batch_size and not original:
         raise ValueError(
             f'--aug-repeats {int(aug_repeats)} is larger than the batch size {batch_size}; all replicas of an image '
             f'must fit in one batch: raise -b or lower --aug-repeats.')

@@ -18,6 +18,7 @@ from .data import load_folder_dataset
 from .errors import UserError
 from .metrics import view_statistics
 from .plots import plot_view_heatmap
+from .transforms import apply_cifar_augmentation
 from .training import _create_model, _load_into, validate
 
 __all__ = ['build_validate_parser', 'run_validation']
@@ -66,6 +67,8 @@ def build_validate_parser() -> argparse.ArgumentParser:
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT', help='view transform random resize scale')
     g.add_argument('--hflip', type=float, default=0.5, help='view transform horizontal flip probability')
     g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='view transform color jitter')
+    g.add_argument('--train-crop-mode', type=str, default=None, help='view transform crop: timm\'s (default) or "pad" (CIFAR pad-and-crop)')
+    g.add_argument('--train-crop-pad', type=int, default=4, metavar='N', help='padding of --train-crop-mode pad (default: 4)')
     return p
 
 
@@ -135,6 +138,8 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
             data_config['input_size'], is_training=True, scale=args.scale, hflip=args.hflip,
             color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=data_config['interpolation'],
             mean=data_config['mean'], std=data_config['std'])
+        if args.train_crop_mode == 'pad':
+            views.transform = apply_cifar_augmentation(views.transform, data_config['input_size'], pad_crop=args.train_crop_pad)
         stats = view_statistics(model, views, num_views, batch_images=max(1, args.batch_size // num_views),
                                 num_workers=args.workers, device=device, max_images=args.consistency_images,
                                 keep_probs=args.plot_images if args.plot else 0, amp_autocast=amp_autocast)

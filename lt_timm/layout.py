@@ -19,7 +19,10 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ['block_sizes', 'num_blocks', 'replica_groups', 'mixup_consistent']
+__all__ = ['block_sizes', 'num_blocks', 'replica_groups', 'mixup_consistent', 'rows_per_step', 'EPOCH_MODES']
+
+# How an epoch of repeated augmentation is sized (see :func:`rows_per_step` and ``lt_timm.sampler``).
+EPOCH_MODES = ('v1', 'full', 'original')
 
 
 def _check(batch_size: int, num_repeats: int) -> None:
@@ -40,6 +43,18 @@ def num_blocks(batch_size: int, num_repeats: int) -> int:
     """Number of distinct source images in a batch."""
     _check(batch_size, num_repeats)
     return -(-batch_size // num_repeats)
+
+
+def rows_per_step(batch_size: int, num_repeats: int, epoch_mode: str = 'v1') -> int:
+    """Rows of one training step for ``-b batch_size``.
+
+    ``v1`` and ``full``: ``-b`` counts rows (``batch_size / m`` distinct images per step). ``original`` (the paper's
+    first LossTransform): ``-b`` counts images, each with ``m`` replicas, so a step has ``m * batch_size`` rows.
+    """
+    _check(batch_size, num_repeats)
+    if epoch_mode not in EPOCH_MODES:
+        raise ValueError(f'epoch mode must be one of {EPOCH_MODES}, got {epoch_mode!r}.')
+    return batch_size * num_repeats if epoch_mode == 'original' else batch_size
 
 
 def replica_groups(batch_size: int, num_repeats: int, device: Optional[torch.device] = None) -> torch.Tensor:

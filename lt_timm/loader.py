@@ -7,16 +7,19 @@ A drop-in for :func:`timm.data.create_loader`: same arguments and behaviour, exc
 call through the training transform, so replicas are augmented independently.
 
 timm builds everything else (transforms, collate, mixup collate, prefetcher, random erasing); only the
-batch order is replaced.
+batch order is replaced. Two CIFAR-style augmentations are added on top of timm's train transform
+(:mod:`lt_timm.transforms`): ``train_crop_mode='pad'`` (pad-and-crop, ``pad_crop`` pixels) and ``cutout``.
 """
 import logging
 from typing import Optional
 
 import torch
 import timm.data
+from torchvision import transforms as T
 
-from .layout import mixup_consistent
+from .layout import mixup_consistent, rows_per_step
 from .sampler import RepeatedAugBatchSampler
+from .transforms import apply_cifar_augmentation
 
 __all__ = ['create_loader']
 
@@ -34,19 +37,29 @@ def create_loader(
         seed: int = 0,
         world_size: Optional[int] = None,
         rank: Optional[int] = None,
+        pad_crop: int = 4,
+        cutout: int = 0,
         **kwargs,
 ):
     """Create a timm data loader; training loaders with ``num_aug_repeats > 0`` group replicas.
 
     Args (beyond :func:`timm.data.create_loader`'s, which are all accepted and passed through):
-        aug_repeat_mode: ``'v1'`` (same samples per epoch as plain training) or ``'full'`` (each image m times).
+        aug_repeat_mode: ``'v1'`` (same samples per epoch as plain training), ``'full'`` (each image m times) or
+            ``'original'`` (``batch_size`` images x m replicas per step); see :mod:`lt_timm.sampler`.
         seed: shuffling seed shared by all ranks; the order is a function of ``(seed, epoch)``.
         world_size, rank: override the DDP world size/rank (default: from torch.distributed when ``distributed``).
+        pad_crop: padding in pixels when ``train_crop_mode='pad'`` (CIFAR pad-and-crop).
+        cutout: Cutout square side in pixels for training (0: off).
     """
+    pad = pad_crop if is_training and kwargs.get('train_crop_mode') == 'pad' else 0
+    if pad:
+        kwargs['train_crop_mode'] = None  # timm builds its random-resized crop, replaced below
     if not (is_training and num_aug_repeats):
-        return timm.data.create_loader(
+        loader = timm.data.create_loader(
             dataset, input_size, batch_size, is_training=is_training,
             num_aug_repeats=num_aug_repeats, distributed=distributed, **kwargs)
+        _add_cifar_augmentation(dataset, is_training, input_size, pad, cutout, kwargs)
+        return loader
 
     if float(num_aug_repeats) != int(num_aug_repeats) or int(num_aug_repeats) < 1:
         raise ValueError(f'--aug-repeats must be a whole number >= 1 for grouped repeats, got {num_aug_repeats}.')
@@ -62,6 +75,7 @@ def create_loader(
     if not distributed:
         world_size, rank = 1, 0
 
+    batch_size = rows_per_step(batch_size, num_aug_repeats, aug_repeat_mode)
     batch_sampler = RepeatedAugBatchSampler(
         len(dataset), batch_size, num_aug_repeats, num_replicas=world_size, rank=rank,
         epoch_mode=aug_repeat_mode, seed=seed)
@@ -75,6 +89,7 @@ def create_loader(
     # timm builds transforms, collate and prefetcher; we only swap in the grouped batch order.
     loader = timm.data.create_loader(
         dataset, input_size, batch_size, is_training=True, num_aug_repeats=0, distributed=False, **kwargs)
+    _add_cifar_augmentation(dataset, is_training, input_size, pad, cutout, kwargs)
     inner = loader.loader if isinstance(loader, timm.data.loader.PrefetchLoader) else loader
     grouped = torch.utils.data.DataLoader(
         inner.dataset,
@@ -89,3 +104,17 @@ def create_loader(
         return grouped
     loader.loader = grouped
     return loader
+
+
+def _add_cifar_augmentation(dataset, is_training: bool, input_size, pad: int, cutout: int, kwargs) -> None:
+    """Swap pad-and-crop / Cutout into the train transform timm just set on ``dataset``."""
+    if not is_training or not (pad or cutout) or kwargs.get('no_aug'):
+        return
+    if not isinstance(dataset.transform, T.Compose):
+        raise ValueError('--train-crop-mode pad and --cutout need a plain train transform; they cannot be combined '
+                         'with --aug-splits.')
+    if not isinstance(input_size, (tuple, list)):
+        input_size = (3, input_size, input_size)
+    dataset.transform = apply_cifar_augmentation(
+        dataset.transform, input_size, pad_crop=pad, cutout=cutout,
+        mean=kwargs.get('mean', timm.data.IMAGENET_DEFAULT_MEAN), use_prefetcher=kwargs.get('use_prefetcher', True))

@@ -9,6 +9,18 @@ Epoch modes:
              (``ceil(N / world_size)`` per rank), i.e. about ``N / m`` distinct images, each ``m`` times.
              Same cost per epoch as plain training.
     ``full``: every image appears ``m`` times per epoch (``m`` x the cost of a plain epoch).
+    ``original`` (the paper's first LossTransform): as ``full`` — every image ``m`` times per epoch — with batches
+             of ``-b`` images x ``m`` replicas, so an epoch has as many steps as plain training, each ``m`` x the
+             rows. The sampler takes the rows per batch: ``layout.rows_per_step(b, m, 'original')``.
+
+    ==========  ================  ===========================  =====================  ========================
+    mode        rows per step     distinct images per step     steps per epoch        compute per epoch
+    ==========  ================  ===========================  =====================  ========================
+    plain       ``b``             ``b``                        ``N / b``              1x
+    v1          ``b``             ``b / m``                    ``N / b``              1x (``N / m`` images)
+    full        ``b``             ``b / m``                    ``m N / b``            ``m`` x
+    original    ``m b``           ``b``                        ``N / b``              ``m`` x
+    ==========  ================  ===========================  =====================  ========================
 """
 import math
 from typing import Iterator, List, Optional
@@ -17,11 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .layout import block_sizes
+from .layout import EPOCH_MODES, block_sizes
 
 __all__ = ['RepeatedAugBatchSampler', 'EPOCH_MODES']
-
-EPOCH_MODES = ('v1', 'full')
 
 
 class RepeatedAugBatchSampler(Sampler[List[int]]):
@@ -34,11 +44,11 @@ class RepeatedAugBatchSampler(Sampler[List[int]]):
 
     Args:
         dataset_len: number of source images ``N``.
-        batch_size: rows per batch on each rank.
+        batch_size: rows per batch on each rank (``original``: images x ``num_repeats``).
         num_repeats: replicas per image ``m`` (``--aug-repeats``).
         num_replicas, rank: DDP world size and rank (default: from ``torch.distributed`` if initialised).
         shuffle: shuffle images each epoch.
-        epoch_mode: ``'v1'`` or ``'full'``.
+        epoch_mode: ``'v1'``, ``'full'`` or ``'original'``.
         seed: base seed, shared by all ranks.
     """
 
@@ -78,8 +88,14 @@ class RepeatedAugBatchSampler(Sampler[List[int]]):
         self.epoch = 0
         self.blocks = block_sizes(batch_size, num_repeats)
 
-        repeats_per_epoch = 1 if epoch_mode == 'v1' else num_repeats
-        self.num_samples = math.ceil(self.dataset_len * repeats_per_epoch / num_replicas)
+        if epoch_mode == 'original' and batch_size % num_repeats:
+            raise ValueError(f'epoch mode original takes whole images per batch: {batch_size} rows is not a '
+                             f'multiple of --aug-repeats {num_repeats}.')
+        if epoch_mode == 'original':  # each rank's share of images, as a plain DistributedSampler, m rows each
+            self.num_samples = math.ceil(self.dataset_len / num_replicas) * num_repeats
+        else:
+            repeats_per_epoch = 1 if epoch_mode == 'v1' else num_repeats
+            self.num_samples = math.ceil(self.dataset_len * repeats_per_epoch / num_replicas)
         self.num_batches = self.num_samples // batch_size
         if self.num_batches == 0:
             raise ValueError(

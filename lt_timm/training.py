@@ -120,7 +120,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     g = parser.add_argument_group('Augmentation and regularization parameters')
     g.add_argument('--no-aug', action='store_true', default=False, help='Disable all training augmentation, override other train aug args')
-    g.add_argument('--train-crop-mode', type=str, default=None, help='Crop-mode in train')
+    g.add_argument('--train-crop-mode', type=str, default=None, help='Crop-mode in train: timm\'s rrc/rkrc/rkrr, or "pad" (CIFAR pad-and-crop, --train-crop-pad pixels; images at the input size)')
+    g.add_argument('--train-crop-pad', type=int, default=4, metavar='N', help='zero padding in pixels for --train-crop-mode pad (default: 4, He et al.)')
+    g.add_argument('--cutout', type=int, default=0, metavar='N', help='Cutout (DeVries & Taylor 2017) square side in pixels, 0 = off (default: 0; CIFAR-10: 16)')
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT', help='Random resize scale (default: 0.08 1.0)')
     g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO', help='Random resize aspect ratio (default: 0.75 1.33)')
     g.add_argument('--hflip', type=float, default=0.5, help='Horizontal flip training aug probability')
@@ -248,7 +250,8 @@ def _load_into(model: nn.Module, path: str, args: argparse.Namespace) -> None:
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} not found; check the path.')
     try:
-        timm.models.load_checkpoint(model, path)
+        # A model may carry a filter for checkpoints published in another format (e.g. the CIFAR ResNets').
+        timm.models.load_checkpoint(model, path, filter_fn=getattr(model, 'checkpoint_filter_fn', None))
     except RuntimeError as e:
         raise UserError(_checkpoint_mismatch(path, args, e)) from e
 
@@ -452,7 +455,7 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
     loader_train = create_loader(
         dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        train_crop_mode=args.train_crop_mode, pad_crop=args.train_crop_pad, cutout=args.cutout, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         num_aug_repeats=args.aug_repeats, num_aug_splits=args.aug_splits, interpolation=train_interpolation,
         collate_fn=collate_fn, aug_repeat_mode=args.lt_epoch, seed=args.seed, **common)

@@ -1,2 +1,4 @@
-"""timm-registered extra models (importing this registers them)."""
-from .cifar_resnet import cifar_resnet20, cifar_resnet56, cifar_resnet110, CifarResNet
+"""Models registered in timm's registry on import: CIFAR ResNets (option A) and DenseNet-40."""
+from .cifar_resnet import CifarResNet, checkpoint_filter_fn, CIFAR_RESNET_DEPTHS
+from .cifar_densenet import CifarDenseNet
+from .torchvision_v1 import TvMobileNetV2, TvEfficientNetB0, TvViTB16
