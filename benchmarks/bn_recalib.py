@@ -45,12 +45,12 @@ def main(argv=None):
     import timm
     import timm.data
     import lt_timm.models  # noqa: F401
-    from lt_timm.data import load_folder_dataset
+    from lt_timm.data import class_to_idx_of, load_folder_dataset
     torch.set_num_threads(a.threads)
-    ns = argparse.Namespace(batch_size=a.batch_size, seed=0, train_split='train')
     size = (3, a.img_size, a.img_size)
-    val = load_folder_dataset('', a.data_dir, 'val', is_training=False, args=ns)
-    train = load_folder_dataset('', a.data_dir, 'train', is_training=True, args=ns)
+    train = load_folder_dataset('', a.data_dir, 'train', True, batch_size=a.batch_size, seed=0)
+    val = load_folder_dataset('', a.data_dir, 'val', False, class_map=class_to_idx_of(train), batch_size=a.batch_size,
+                              seed=0)
     # the same eval preprocessing as train.py / validate.py (the model's crop_pct, interpolation, mean, std)
     cfg = timm.data.resolve_data_config({'img_size': a.img_size}, model=timm.create_model(a.model, num_classes=10))
     val_loader = timm.data.create_loader(val, size, 256, is_training=False, use_prefetcher=False,

@@ -143,8 +143,7 @@ def bench_loader(args):
     import timm.data
     from lt_timm import create_loader
     from lt_timm.data import load_folder_dataset
-    ns = argparse.Namespace(batch_size=args.loader_batch_size, seed=0, train_split='train')
-    ds = load_folder_dataset('', args.loader_data, 'train', is_training=True, args=ns)
+    ds = load_folder_dataset('', args.loader_data, 'train', True, batch_size=args.loader_batch_size, seed=0)
     kw = dict(input_size=(3, args.loader_img_size, args.loader_img_size), batch_size=args.loader_batch_size,
               is_training=True, num_workers=args.workers, use_prefetcher=False, scale=(0.35, 1.0),
               color_jitter=0.3, interpolation='random')

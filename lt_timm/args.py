@@ -1,6 +1,7 @@
 """The LossTransform command-line flags, shared by ``train.py`` and the stock-timm launcher."""
 import argparse
 import logging
+import math
 from typing import Any
 
 import torch.nn as nn
@@ -38,8 +39,14 @@ def add_losstransform_args(parser: argparse.ArgumentParser, with_loss: bool = Tr
 
 def check_args(args: Any) -> None:
     """Reject flag values that would make a run silently wrong, with the fix in the message."""
-    if args.lt_rho < 0:
-        raise ValueError(f'--lt-rho must be >= 0, got {args.lt_rho}.')
+    if not (math.isfinite(args.lt_rho) and args.lt_rho >= 0):
+        raise ValueError(f'--lt-rho must be a finite number >= 0 (e.g. 1.0), got {args.lt_rho}.')
+    batch_size = getattr(args, 'batch_size', None)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f'-b/--batch-size must be >= 1, got {batch_size}.')
+    epochs = getattr(args, 'epochs', None)
+    if epochs is not None and epochs < 1:
+        raise ValueError(f'--epochs must be >= 1, got {epochs}.')
     aug_repeats = getattr(args, 'aug_repeats', 0) or 0
     if float(aug_repeats) != int(aug_repeats) or aug_repeats < 0:
         raise ValueError(f'--aug-repeats must be a whole number >= 0, got {aug_repeats}.')
@@ -47,7 +54,6 @@ def check_args(args: Any) -> None:
         raise ValueError(
             f'--loss losstransform needs --aug-repeats >= 2 (replicas of each image to compare), got {aug_repeats}; '
             f'add e.g. --aug-repeats 3.')
-    batch_size = getattr(args, 'batch_size', None)
     original = getattr(args, 'lt_epoch', 'v1') == 'original'  # -b counts images there, each m rows
     if aug_repeats and batch_size is not None and aug_repeats > batch_size and not original:
         raise ValueError(

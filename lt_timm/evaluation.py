@@ -14,12 +14,13 @@ import torch
 from timm import utils
 from timm.data import create_loader, create_transform, resolve_data_config
 
-from .data import load_folder_dataset
+from .data import class_to_idx_of, load_folder_dataset, read_class_map
 from .errors import UserError
 from .metrics import view_statistics
 from .plots import plot_view_heatmap
 from .transforms import apply_cifar_augmentation
-from .training import _create_model, _load_into, validate
+from .modeling import create_model, load_weights
+from .training import validate
 
 __all__ = ['build_validate_parser', 'run_validation']
 
@@ -98,17 +99,22 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
     root = args.data_dir or args.data
     if not root or (not args.dataset and not os.path.isdir(root)):
         raise UserError(f'dataset folder {root} does not exist; pass it with --data-dir DIR.')
-    args.train_split = args.split
-    dataset = load_folder_dataset(args.dataset, root, args.split, is_training=False, args=args)
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
+    # The run's class map (saved by train.py beside its checkpoints) keeps the labels of training.
+    run_map = read_class_map(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint else None
+    if run_map and not args.class_map:
+        _logger.info(f'Using the class map of the training run ({len(run_map)} classes) beside {args.checkpoint}.')
+    data_opts = dict(class_map=args.class_map or run_map, input_img_mode=args.input_img_mode or
+                     ('RGB' if in_chans == 3 else 'L'), batch_size=args.batch_size, seed=args.seed)
+    dataset = load_folder_dataset(args.dataset, root, args.split, False, **data_opts)
     if args.num_classes is None:
-        args.num_classes = len(getattr(dataset.reader, 'class_to_idx', {}) or {}) or None
+        args.num_classes = len(run_map or class_to_idx_of(dataset)) or None
         if args.num_classes is None:
             raise UserError('cannot infer the number of classes; pass --num-classes.')
-    args.drop, args.drop_path, args.initial_checkpoint = 0., None, ''
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
-    model = _create_model(args, args.num_classes, in_chans)
+    model = create_model(args.model, args.num_classes, in_chans, pretrained=args.pretrained,
+                         pretrained_path=args.pretrained_path, global_pool=args.gp)
     if args.checkpoint:
-        _load_into(model, args.checkpoint, args)
+        load_weights(model, args.checkpoint, f'--model {args.model} with {args.num_classes} classes')
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -133,7 +139,7 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
     num_views = max(args.consistency, args.tta, 2 if args.plot else 0)
     if num_views:
         utils.random_seed(args.seed)
-        views = load_folder_dataset(args.dataset, root, args.split, is_training=False, args=args)
+        views = load_folder_dataset(args.dataset, root, args.split, False, **data_opts)
         views.transform = create_transform(
             data_config['input_size'], is_training=True, scale=args.scale, hflip=args.hflip,
             color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=data_config['interpolation'],
@@ -150,8 +156,8 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
         if args.tta:
             results.update(tta_views=num_views, tta_top1=round(stats.tta_top1, 4))
         if args.plot:
-            classes = sorted(dataset.reader.class_to_idx, key=dataset.reader.class_to_idx.get) \
-                if hasattr(dataset.reader, 'class_to_idx') else None
+            class_to_idx = run_map or class_to_idx_of(dataset)
+            classes = sorted(class_to_idx, key=class_to_idx.get) if class_to_idx else None
             plot_view_heatmap(stats.probs, args.plot, class_names=classes,
                               title=f'{args.model}: predictions of {num_views} augmented views')
             results['plot'] = args.plot

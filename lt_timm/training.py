@@ -23,19 +23,20 @@ import yaml
 import timm
 from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, resolve_data_config
-from timm.models import create_model, safe_model_name
+from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler
 
-from . import models as _models  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .args import add_losstransform_args, check_args, criterion_from_args, describe_criterion
-from .data import load_folder_dataset
+from .data import IMAGE_CHECKS, check_images, class_to_idx_of, load_folder_dataset, write_class_map
 from .errors import UserError
 from .loader import create_loader
 from .loss import LossTransform
+from .modeling import all_finite, checkpoint_problem, create_model, read_checkpoint_args
 from .plots import plot_training_curves
+from .run_dir import claim_run_dir, truncate_summary
 
 __all__ = ['build_parser', 'parse_args', 'train', 'train_one_epoch', 'validate']
 
@@ -168,6 +169,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment, name of sub-folder for output')
     g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='Best metric (default: "top1")')
     g.add_argument('--no-plot', action='store_true', default=False, help='do not write the training-curves PNG at the end')
+    g.add_argument('--check-images', default='header', choices=IMAGE_CHECKS, help='check every image file before training: header (default: headers and complete JPEG/PNG files), decode (decode every image), none')
     add_losstransform_args(parser)
     return config_parser, parser
 
@@ -179,8 +181,18 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
     if args_config.config:
         if not os.path.isfile(args_config.config):
             raise UserError(f'config file {args_config.config} not found; pass an existing YAML with -c.')
-        with open(args_config.config) as f:
-            cfg = yaml.safe_load(f) or {}
+        try:
+            with open(args_config.config) as f:
+                cfg = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            where = getattr(e, 'problem_mark', None)
+            at = f' at line {where.line + 1}, column {where.column + 1}' if where is not None else ''
+            raise UserError(f'config {args_config.config} is not valid YAML{at} ({getattr(e, "problem", None) or e}); '
+                            f'fix the file (keys are flag dest names, e.g. "aug_repeats: 3").') from None
+        cfg = {} if cfg is None else cfg
+        if not isinstance(cfg, dict):
+            raise UserError(f'config {args_config.config} holds a {type(cfg).__name__}, not a mapping of flag dest '
+                            f'names to values (e.g. "aug_repeats: 3").')
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -228,43 +240,8 @@ def _data_root(args: argparse.Namespace) -> str:
     return root
 
 
-def _create_model(args: argparse.Namespace, num_classes: int, in_chans: int) -> nn.Module:
-    factory_kwargs = {}
-    if args.pretrained_path:
-        factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
-    try:
-        model = create_model(
-            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=num_classes,
-            drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp, **factory_kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise UserError(f'unknown --model {args.model!r}; list names with python -c "import timm; '
-                            f'print(timm.list_models(\'*{args.model[:6]}*\'))".') from e
-        raise
-    if args.initial_checkpoint:
-        _load_into(model, args.initial_checkpoint, args)
-    return model
-
-
-def _load_into(model: nn.Module, path: str, args: argparse.Namespace) -> None:
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} not found; check the path.')
-    try:
-        # A model may carry a filter for checkpoints published in another format (e.g. the CIFAR ResNets').
-        timm.models.load_checkpoint(model, path, filter_fn=getattr(model, 'checkpoint_filter_fn', None))
-    except RuntimeError as e:
-        raise UserError(_checkpoint_mismatch(path, args, e)) from e
-
-
-def _checkpoint_mismatch(path: str, args: argparse.Namespace, e: Exception) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return (f'checkpoint {path} does not fit --model {args.model} with {args.num_classes} classes ({first}); '
-            f'use a checkpoint of the same model and --num-classes.')
-
-
 def _resolve_num_classes(args: argparse.Namespace, dataset_train) -> None:
-    class_to_idx = getattr(dataset_train, 'class_to_idx', None) or getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None)
-    n_data = len(class_to_idx or {})
+    n_data = len(class_to_idx_of(dataset_train))
     if args.num_classes is None:
         if not n_data:
             raise UserError('cannot infer the number of classes from this dataset; pass --num-classes.')
@@ -285,6 +262,7 @@ def train_one_epoch(
         amp_autocast=suppress,
         loss_scaler=None,
         mixup_fn=None,
+        output_dir: Optional[str] = None,
 ) -> 'OrderedDict[str, float]':
     """One epoch of ``task`` over ``loader``; returns the epoch's mean loss, its parts, time and throughput."""
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
@@ -311,9 +289,12 @@ def train_one_epoch(
         with amp_autocast():
             loss = task(input, target)['loss']
         if not torch.isfinite(loss):
+            last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
+            resume = (f'then --resume {last} (end of epoch {epoch - 1})' if last and os.path.exists(last)
+                      else 'then start again (no checkpoint was saved yet)')
             raise UserError(
-                f'loss is {loss.item()} at epoch {epoch} step {batch_idx}: training diverged; lower --lr, '
-                f'add --clip-grad 1.0 or drop --amp, then --resume from the last checkpoint.')
+                f'loss is {loss.item()} at epoch {epoch} step {batch_idx}: training diverged and this step was not '
+                f'applied; lower --lr, add --clip-grad 1.0 or drop --amp, {resume}.')
         optimizer.zero_grad()
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -396,6 +377,107 @@ def validate(model: nn.Module, loader, args: argparse.Namespace, device: torch.d
     return metrics
 
 
+def _load_datasets(args: argparse.Namespace, in_chans: int):
+    """Train and eval datasets with one class map (the training split's), images checked before the first step."""
+    root = _data_root(args)
+    opts = dict(input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'), batch_size=args.batch_size,
+                seed=args.seed, download=args.dataset_download)
+    dataset_train = load_folder_dataset(args.dataset, root, args.train_split, True, class_map=args.class_map, **opts)
+    class_to_idx = class_to_idx_of(dataset_train)
+    dataset_eval = load_folder_dataset(args.dataset, root, args.val_split, False,
+                                       class_map=class_to_idx or args.class_map, **opts)
+    if utils.is_primary(args):
+        paths = [p for ds in (dataset_train, dataset_eval) for p, _ in getattr(getattr(ds, 'reader', None), 'samples', [])]
+        start = time.time()
+        check_images(paths, args.check_images, opts['input_img_mode'], workers=max(1, args.workers))
+        if args.check_images != 'none' and paths:
+            _logger.info(f'Checked {len(paths)} image files ({args.check_images}) in {time.time() - start:.1f}s.')
+    return dataset_train, dataset_eval, class_to_idx
+
+
+def _mixup(args: argparse.Namespace):
+    """(mixup_active, collate_fn, mixup_fn) as timm's train.py builds them."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if not mixup_active:
+        return False, None, None
+    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=args.num_classes)
+    if args.prefetcher:
+        return True, FastCollateMixup(**mixup_args), None
+    return True, None, Mixup(**mixup_args)
+
+
+def _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, device):
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    common = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
+                  distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                  use_prefetcher=args.prefetcher)
+    # Workers are re-created each epoch so that their seeds derive from (seed, epoch): --resume is exact.
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        train_crop_mode=args.train_crop_mode, pad_crop=args.train_crop_pad, cutout=args.cutout, scale=args.scale,
+        ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats, num_aug_splits=args.aug_splits, interpolation=train_interpolation,
+        collate_fn=collate_fn, aug_repeat_mode=args.lt_epoch, seed=args.seed, persistent_workers=False, **common)
+    if len(loader_train) == 0:
+        raise UserError(f'the training set has {len(dataset_train)} images, fewer than one batch of '
+                        f'{args.batch_size} per process; lower -b/--batch-size or add data.')
+    loader_eval = create_loader(
+        dataset_eval, input_size=data_config['input_size'],
+        batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    return loader_train, loader_eval
+
+
+def _criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
+    criterion = criterion_from_args(args, mixup_active)
+    if args.aug_repeats >= 2 and not isinstance(criterion, LossTransform) and args.loss != 'jsd':
+        # Repeats without T(L): still measure the replicas' consistency (rho = 0 returns the base loss exactly).
+        criterion = LossTransform(criterion, num_repeats=args.aug_repeats, rho=0.)
+    if isinstance(criterion, LossTransform):
+        criterion.check_finite = False  # the epoch loop checks the loss, with the step and how to resume
+    return criterion
+
+
+def _resume(args, task, optimizer, loss_scaler) -> Optional[int]:
+    if not args.resume:
+        return None
+    if not os.path.isfile(args.resume):
+        raise UserError(f'--resume checkpoint {args.resume} not found; pass the last.pth.tar of the run to continue.')
+    saved = read_checkpoint_args(args.resume)
+    if saved is not None and args.lr is not None and getattr(saved, 'lr', args.lr) != args.lr:
+        raise UserError(f'--lr {args.lr} differs from the resumed run\'s lr {saved.lr}: a resumed run continues its '
+                        f'own schedule; drop --lr, or start a new run from the weights with --initial-checkpoint.')
+    try:
+        return resume_task_checkpoint(
+            task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
+    except Exception as e:
+        raise UserError(checkpoint_problem(args.resume, e, f'--model {args.model} with {args.num_classes} classes')) from e
+
+
+def _check_finite_weights(task: ClassificationTask, epoch: int, output_dir: Optional[str]) -> None:
+    """Never validate or save non-finite weights: stop and say which good checkpoint to resume from."""
+    models = [task.get_trainable_module()] + ([task.get_eval_model(ema=True)] if task.has_ema() else [])
+    if all(all_finite(m) for m in models):
+        return
+    last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
+    resume = (f'then --resume {last} (the last good state, end of epoch {epoch - 1})'
+              if last and os.path.exists(last) else 'then start again (no checkpoint was saved before this epoch)')
+    raise UserError(f'training diverged in epoch {epoch}: the weights are no longer finite (NaN/inf) and were not '
+                    f'saved; lower --lr or add --clip-grad 1.0, {resume}.')
+
+
+def _seed_epoch(args: argparse.Namespace, epoch: int) -> None:
+    """Every RNG the epoch uses (augmentation, dropout, mixup, worker seeds) from (seed, epoch, rank)."""
+    utils.random_seed(args.seed + 100_003 * (epoch + 1), args.rank)
+
+
 def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]':
     """Run a full training job; returns the final epoch's eval metrics (and best) for scripting."""
     check_args(args)
@@ -407,13 +489,12 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
     utils.random_seed(args.seed, args.rank)
     _resolve_lr(args)
 
-    root = _data_root(args)
-    dataset_train = load_folder_dataset(args.dataset, root, args.train_split, is_training=True, args=args)
-    dataset_eval = load_folder_dataset(args.dataset, root, args.val_split, is_training=False, args=args)
-    _resolve_num_classes(args, dataset_train)
-
     in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
-    model = _create_model(args, args.num_classes, in_chans)
+    dataset_train, dataset_eval, class_to_idx = _load_datasets(args, in_chans)
+    _resolve_num_classes(args, dataset_train)
+    model = create_model(args.model, args.num_classes, in_chans, pretrained=args.pretrained,
+                         pretrained_path=args.pretrained_path, initial_checkpoint=args.initial_checkpoint,
+                         drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     model.to(device=device)
     if args.channels_last:
@@ -426,18 +507,8 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
         if device.type == 'cuda' and amp_dtype == torch.float16:
             loss_scaler = NativeScaler(device=device.type)
 
-    mixup_args = {}
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    collate_fn, mixup_fn = None, None
-    if mixup_active:
-        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=args.num_classes)
-        if args.prefetcher:
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
-
+    mixup_active, collate_fn, mixup_fn = _mixup(args)
+    criterion = _criterion(args, mixup_active)
     if args.aug_splits == 1 or args.aug_splits < 0:
         raise UserError(f'--aug-splits must be 0 or >= 2, got {args.aug_splits}.')
     if args.aug_splits > 1:
@@ -445,45 +516,14 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
             raise UserError('--aug-splits cannot be combined with mixup/cutmix under the prefetcher; add --no-prefetcher.')
         # As timm's train.py: AugMix/JSD splits need the wrapper that returns the clean + augmented splits.
         dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
-
-    train_interpolation = args.train_interpolation
-    if args.no_aug or not train_interpolation:
-        train_interpolation = data_config['interpolation']
-    common = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
-                  distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-                  use_prefetcher=args.prefetcher)
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        train_crop_mode=args.train_crop_mode, pad_crop=args.train_crop_pad, cutout=args.cutout, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        num_aug_repeats=args.aug_repeats, num_aug_splits=args.aug_splits, interpolation=train_interpolation,
-        collate_fn=collate_fn, aug_repeat_mode=args.lt_epoch, seed=args.seed, **common)
-    loader_eval = create_loader(
-        dataset_eval, input_size=data_config['input_size'],
-        batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    loader_train, loader_eval = _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, device)
     if mixup_active and args.aug_repeats and args.mixup_mode != 'batch' and utils.is_primary(args):
         _logger.warning(f'--mixup-mode {args.mixup_mode} mixes each replica with its own lambda; use --mixup-mode '
                         f'batch to keep replicas of an image consistently mixed.')
 
-    criterion = criterion_from_args(args, mixup_active)
-    if args.aug_repeats >= 2 and not isinstance(criterion, LossTransform) and args.loss != 'jsd':
-        # Repeats without T(L): still measure the replicas' consistency (rho = 0 returns the base loss exactly).
-        criterion = LossTransform(criterion, num_repeats=args.aug_repeats, rho=0.)
     task = ClassificationTask(model=model, criterion=criterion, device=device, verbose=False)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
-
-    resume_epoch = None
-    if args.resume:
-        if not os.path.isfile(args.resume):
-            raise UserError(f'--resume checkpoint {args.resume} not found; pass the last.pth.tar of the run to continue.')
-        try:
-            resume_epoch = resume_task_checkpoint(
-                task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-                loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
-        except (RuntimeError, KeyError) as e:
-            raise UserError(_checkpoint_mismatch(args.resume, args, e)) from e
+    resume_epoch = _resume(args, task, optimizer, loss_scaler)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
@@ -501,28 +541,42 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
         else:
             lr_scheduler.step(start_epoch)
 
-    saver, output_dir = None, None
+    saver, output_dir, lock = None, None, None
     eval_metric = args.eval_metric
-    decreasing = eval_metric == 'loss'
-    if utils.is_primary(args):
-        exp_name = args.experiment or '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
-        output_dir = utils.get_outdir(args.output or './output/train', exp_name)
-        saver = utils.CheckpointSaver(
-            model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
-            recovery_dir=output_dir, decreasing=decreasing, max_history=args.checkpoint_hist, task=task)
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(args.resume)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
-        _logger.info(
-            f'Model {safe_model_name(args.model)} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
-            f'{len(dataset_train)} train / {len(dataset_eval)} val images, {args.num_classes} classes. '
-            f'Criterion: {describe_criterion(criterion)}. Sampler: '
-            + (f'grouped repeats m={args.aug_repeats}, mode {args.lt_epoch}, {len(loader_train)} batches/epoch'
-               if args.aug_repeats else f'plain, {len(loader_train)} batches/epoch')
-            + f'. Output: {output_dir}. Epochs {start_epoch}..{num_epochs - 1}.')
+    try:
+        if utils.is_primary(args):
+            exp_name = args.experiment or '-'.join([
+                datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
+            lock = claim_run_dir(args.output or './output/train', exp_name, args.resume)
+            output_dir = os.path.dirname(lock.path)
+            saver = utils.CheckpointSaver(
+                model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
+                recovery_dir=output_dir, decreasing=eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
+            if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+                saver.load_state_dict_from_checkpoint(args.resume)
+            truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+            with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+                f.write(args_text)
+            if class_to_idx:
+                write_class_map(class_to_idx, output_dir)
+            _logger.info(
+                f'Model {safe_model_name(args.model)} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
+                f'{len(dataset_train)} train / {len(dataset_eval)} val images, {args.num_classes} classes. '
+                f'Criterion: {describe_criterion(criterion)}. Sampler: '
+                + (f'grouped repeats m={args.aug_repeats}, mode {args.lt_epoch}, {len(loader_train)} batches/epoch'
+                   if args.aug_repeats else f'plain, {len(loader_train)} batches/epoch')
+                + f'. Output: {output_dir}. Epochs {start_epoch}..{num_epochs - 1}.')
+        result = _epoch_loop(args, task, loader_train, loader_eval, optimizer, lr_scheduler, saver, output_dir,
+                             start_epoch, num_epochs, device, amp_autocast, loss_scaler, mixup_fn)
+    finally:
+        if lock is not None:
+            lock.release()
+    return result
 
+
+def _epoch_loop(args, task, loader_train, loader_eval, optimizer, lr_scheduler, saver, output_dir, start_epoch,
+                num_epochs, device, amp_autocast, loss_scaler, mixup_fn) -> 'OrderedDict[str, float]':
+    eval_metric = args.eval_metric
     best_metric, best_epoch = None, None
     eval_metrics = OrderedDict()
     for epoch in range(start_epoch, num_epochs):
@@ -530,19 +584,21 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
             if hasattr(obj, 'set_epoch'):
                 obj.set_epoch(epoch)
                 break
+        _seed_epoch(args, epoch)
         train_metrics = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=lr_scheduler,
-            amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn)
+            amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, output_dir=output_dir)
+        _check_finite_weights(task, epoch, output_dir)
         eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast)
         if task.has_ema() and not args.model_ema_force_cpu:
             ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast, ' (EMA)')
             eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+        if saver is not None:  # checkpoint first, then its summary row (a resumed run drops rows past its start)
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[eval_metric])
         if output_dir is not None:
             lrs = [pg['lr'] for pg in optimizer.param_groups]
             utils.update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
                                  lr=sum(lrs) / len(lrs))
-        if saver is not None:
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[eval_metric])
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[eval_metric])
 

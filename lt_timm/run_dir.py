@@ -1,0 +1,121 @@
+"""The output folder of a training run: never overwrite a previous run, one writer at a time, consistent summary.
+
+* :func:`claim_run_dir` gives a new run a folder of its own: ``<output>/<experiment>`` when it does not exist yet
+  (created atomically), else ``<experiment>-1``, ``-2``, ... as timm's ``get_outdir(inc=True)``; a run resumed from
+  ``<folder>/last.pth.tar`` keeps writing to ``<folder>``.
+* :class:`RunLock` (``<folder>/.lock`` with the pid) stops a second process from writing the same folder while the
+  first is alive; a lock left by a killed run is taken over.
+* :func:`truncate_summary` drops ``summary.csv`` rows at or after the epoch a resumed run restarts from, so rows
+  and checkpoints agree after a crash at any point of an epoch's end.
+"""
+import csv
+import logging
+import os
+from typing import Optional
+
+from .errors import UserError
+
+__all__ = ['claim_run_dir', 'RunLock', 'truncate_summary']
+
+_logger = logging.getLogger(__name__)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive, pid-stamped lock file in a run folder."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, '.lock')
+        self.held = False
+
+    def try_acquire(self) -> Optional[int]:
+        """Take the lock; returns ``None`` on success, else the pid of the live process that holds it."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        pid = int(f.read().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    return pid
+                _logger.warning(f'taking over the lock {self.path} left by a process that is gone (pid {pid}).')
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return None
+        return 0
+
+    def acquire(self) -> None:
+        pid = self.try_acquire()
+        if pid is not None:
+            raise UserError(f'another run (pid {pid}) is writing to {os.path.dirname(self.path)}; wait for it to '
+                            f'finish or pick another --experiment.')
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+def claim_run_dir(output: str, experiment: str, resume: str = '') -> RunLock:
+    """Create or reuse the run folder (see module doc) and return its held lock (``lock.path``'s folder is the run)."""
+    base = os.path.join(output, experiment)
+    if resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(base):
+        lock = RunLock(base)
+        lock.acquire()
+        return lock
+    os.makedirs(output, exist_ok=True)
+    candidate, i = base, 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            fresh = True
+        except FileExistsError:
+            fresh = not os.listdir(candidate)  # an empty folder (made by hand): ours if nobody else locks it
+        if fresh:
+            lock = RunLock(candidate)
+            if lock.try_acquire() is None:
+                break
+        i += 1
+        candidate = f'{base}-{i}'
+    if candidate != base:
+        _logger.warning(f'{base} holds another run; this run writes to {candidate} (to continue that run, pass '
+                        f'--resume {os.path.join(base, "last.pth.tar")}).')
+    return lock
+
+
+def truncate_summary(path: str, start_epoch: int) -> None:
+    """Keep only the rows of epochs before ``start_epoch`` (rewritten atomically)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', newline='') as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)

@@ -1,0 +1,274 @@
+"""Nothing lost, nothing silent: bad data, bad checkpoints, divergence, reruns and crashes, on real files on disk."""
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import timm
+from lt_timm.data import check_images, load_folder_dataset
+from lt_timm.errors import UserError
+from conftest import PYTHON, REPO, cli_env, make_image_folder
+from test_cli import RGB_FLAGS, _kill_after_first_checkpoint, assert_clean_failure, read_summary, run
+
+TRAIN = [*RGB_FLAGS, '--epochs', '1', '--warmup-epochs', '0']
+
+
+def train(data, out, *extra, check=True, experiment='r'):
+    return run('train.py', '--data-dir', data, *TRAIN, '-b', '12', '--output', out, '--experiment', experiment,
+               *extra, check=check)
+
+
+# ---------------------------------------------------------------- divergence: only good states are saved
+
+def test_blow_up_on_the_last_step_of_an_epoch_saves_nothing_bad(tmp_path):
+    """One step per epoch; epoch 0 warms up at lr 0, epoch 1's step (huge weight decay) sends the weights to inf."""
+    data = make_image_folder(tmp_path / 'd', classes=3, per_class=4)
+    out = tmp_path / 'out'
+    p = run('train.py', '--data-dir', data, *RGB_FLAGS, '-b', '12', '--epochs', '3', '--lr', '1e10', '--weight-decay', '1e30',
+            '--warmup-epochs', '1', '--warmup-lr', '0', '--output', out,
+            '--experiment', 'boom', '--loss', 'losstransform', '--aug-repeats', '3', check=False)
+    last = out / 'boom' / 'last.pth.tar'
+    assert_clean_failure(p, 'diverged in epoch 1', 'no longer finite', f'--resume {last}', 'end of epoch 0')
+    state = torch.load(last, map_location='cpu', weights_only=False)
+    assert state['epoch'] == 0
+    assert all(torch.isfinite(v).all() for v in state['state_dict'].values() if v.is_floating_point())
+    assert [int(r['epoch']) for r in read_summary(out / 'boom' / 'summary.csv')] == [0]
+    assert not (out / 'boom' / 'checkpoint-1.pth.tar').exists()
+
+
+@pytest.mark.parametrize('loss', [['--loss', 'ce'], ['--loss', 'losstransform', '--aug-repeats', '3']])
+def test_nan_loss_names_the_step_and_the_checkpoint(tmp_path, loss):
+    data = make_image_folder(tmp_path / 'd')
+    p = train(data, tmp_path / 'out', '--lr', '1e30', '--epochs', '2', *loss, check=False)
+    assert_clean_failure(p, 'at epoch 0 step', 'not applied', 'start again')
+
+
+# ---------------------------------------------------------------- one class map per run
+
+def test_val_split_missing_a_class_keeps_the_labels(tmp_path):
+    data = make_image_folder(tmp_path / 'd', classes=3, per_class=8)
+    for f in (data / 'val' / 'class0').iterdir():
+        f.unlink()
+    (data / 'val' / 'class0').rmdir()
+    train_map = {'class0': 0, 'class1': 1, 'class2': 2}
+    val = load_folder_dataset('', str(data), 'val', False, class_map=train_map)
+    assert sorted({t for _, t in val.reader.samples}) == [1, 2]  # not renumbered to 0, 1
+    assert all(train_map[Path(p).parent.name] == t for p, t in val.reader.samples)
+
+    out = tmp_path / 'out'
+    train(data, out, '--epochs', '2', '--lr', '0.05')
+    run_dir = out / 'r'
+    assert (run_dir / 'class_map.txt').read_text().split() == ['class0', 'class1', 'class2']
+    res = tmp_path / 'v.json'
+    run('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--img-size', '32',
+        '--checkpoint', run_dir / 'last.pth.tar', '--device', 'cpu', '-j', '0', '--results-file', res)
+    rows = read_summary(run_dir / 'summary.csv')
+    assert json.loads(res.read_text())['top1'] == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-3)
+
+
+def test_val_split_with_an_extra_class_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / 'd', classes=3, per_class=8)
+    make_image_folder(tmp_path / 'x', classes=4, per_class=2, splits=('val',))
+    (tmp_path / 'x' / 'val' / 'class3').rename(data / 'val' / 'zebra')
+    p = train(data, tmp_path / 'out', check=False)
+    assert_clean_failure(p, "split 'val'", "['zebra']", 'training split does not have')
+    assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------- images: converted, checked up front, named
+
+def _write(folder: Path, name: str, kind: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    if kind == 'rgba':
+        Image.fromarray(np.dstack([rgb, np.full((32, 32), 128, np.uint8)])).save(path)
+    elif kind == 'palette':
+        Image.fromarray(rgb).convert('P').save(path)
+    elif kind == '16bit':
+        Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(path)
+    elif kind == 'text':
+        path.write_text('this is not an image\n')
+    elif kind == 'truncated':
+        Image.fromarray(rgb).save(path, quality=90)
+        path.write_bytes(path.read_bytes()[:-200])
+    return path
+
+
+@pytest.mark.parametrize('kind', ['rgba', 'palette', '16bit'])
+def test_other_image_modes_train_as_rgb(tmp_path, kind):
+    data = make_image_folder(tmp_path / 'd')
+    _write(data / 'train' / 'class1', f'odd.png', kind)
+    ds = load_folder_dataset('', str(data), 'train', True)
+    img, _ = ds[[Path(p).name for p, _ in ds.reader.samples].index('odd.png')]
+    assert img.mode == 'RGB'
+    train(data, tmp_path / 'out', '--check-images', 'decode')
+
+
+@pytest.mark.parametrize('kind,name', [('text', 'notes.jpg'), ('truncated', 'cut.jpg')])
+def test_broken_image_stops_before_the_first_step(tmp_path, kind, name):
+    data = make_image_folder(tmp_path / 'd')
+    bad = _write(data / 'train' / 'class2', name, kind)
+    p = train(data, tmp_path / 'out', check=False)
+    assert_clean_failure(p, str(bad), '--check-images none')
+    assert not (tmp_path / 'out').exists()  # nothing written
+    with pytest.raises(UserError, match=str(bad)):
+        check_images([str(bad)], 'decode')
+
+
+def test_broken_image_met_during_training_is_named(tmp_path):
+    data = make_image_folder(tmp_path / 'd')
+    bad = _write(data / 'train' / 'class0', 'cut.jpg', 'truncated')
+    p = train(data, tmp_path / 'out', '--check-images', 'none', check=False)
+    assert_clean_failure(p, f'cannot read image {bad}')
+
+
+# ---------------------------------------------------------------- output folders
+
+def test_rerun_never_overwrites_a_finished_run(tmp_path):
+    data = make_image_folder(tmp_path / 'd')
+    out = tmp_path / 'out'
+    train(data, out, '--epochs', '2')
+    first = {f: (out / 'r' / f).read_bytes() for f in ('model_best.pth.tar', 'summary.csv', 'args.yaml')}
+    p = train(data, out, '--lt-rho', '0.5')
+    assert 'holds another run' in p.stderr + p.stdout
+    assert (out / 'r-1' / 'summary.csv').exists()
+    p = train(data, out, '-b', '0', check=False)  # a failed rerun touches nothing either
+    assert_clean_failure(p, '-b/--batch-size must be >= 1')
+    assert {f: (out / 'r' / f).read_bytes() for f in first} == first
+    assert not (out / 'r-2').exists()
+
+
+def test_two_concurrent_runs_write_separate_folders(tmp_path):
+    data = make_image_folder(tmp_path / 'd')
+    out = tmp_path / 'out'
+    cmd = [PYTHON, str(REPO / 'train.py'), '--data-dir', str(data), *TRAIN, '-b', '12', '--output', str(out),
+           '--experiment', 'same']
+    procs = [subprocess.Popen(cmd + ['--seed', str(s)], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for s in (1, 2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    seeds = sorted(__import__('yaml').safe_load((out / d / 'args.yaml').read_text())['seed'] for d in ('same', 'same-1'))
+    assert seeds == [1, 2]
+    assert not list(out.rglob('.lock'))
+
+
+def test_lock_held_by_a_live_process_refuses_a_second_writer(tmp_path):
+    data = make_image_folder(tmp_path / 'd')
+    out = tmp_path / 'out'
+    train(data, out, '--epochs', '2')
+    sleeper = subprocess.Popen(['sleep', '60'])
+    try:
+        (out / 'r' / '.lock').write_text(str(sleeper.pid))
+        p = train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar', check=False)
+        assert_clean_failure(p, f'another run (pid {sleeper.pid})')
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    p = train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar')  # stale lock: taken over
+    assert 'taking over the lock' in p.stdout + p.stderr
+    assert [int(r['epoch']) for r in read_summary(out / 'r' / 'summary.csv')] == [0, 1, 2]
+
+
+def test_resume_drops_summary_rows_past_the_checkpoint(tmp_path):
+    """A kill between the checkpoint and its summary row (or the reverse) never leaves an epoch twice."""
+    data = make_image_folder(tmp_path / 'd')
+    out = tmp_path / 'out'
+    train(data, out, '--epochs', '2')
+    summary = out / 'r' / 'summary.csv'
+    lines = summary.read_text().splitlines()
+    summary.write_text('\n'.join(lines + [lines[-1].replace('1,', '2,', 1)]) + '\n')  # a row with no checkpoint
+    train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar')
+    assert [int(r['epoch']) for r in read_summary(summary)] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+def _checkpoints(tmp_path: Path):
+    good = tmp_path / 'good.pth.tar'
+    torch.save({'state_dict': timm.create_model('test_resnet', num_classes=3).state_dict()}, good)
+    files = {'empty': b'', 'garbage': os.urandom(4096), 'list': None,
+             'truncated': good.read_bytes()[: good.stat().st_size // 2]}
+    out = {}
+    for name, content in files.items():
+        out[name] = tmp_path / f'{name}.pth.tar'
+        if content is None:
+            torch.save([1, 2, 3], out[name])  # a PyTorch file that holds no weights
+        else:
+            out[name].write_bytes(content)
+    return out
+
+
+@pytest.mark.parametrize('kind,needle', [('empty', 'is empty (0 bytes)'), ('garbage', 'not a readable PyTorch file'),
+                                         ('list', 'holds a list, not model weights'),
+                                         ('truncated', 'not a readable PyTorch file')])
+def test_bad_checkpoint_files_are_named(tmp_path, kind, needle):
+    data = make_image_folder(tmp_path / 'd')
+    path = _checkpoints(tmp_path)[kind]
+    for flag in ('--initial-checkpoint', '--resume'):
+        p = train(data, tmp_path / 'out', flag, path, check=False)
+        assert_clean_failure(p, str(path), needle)
+    p = run('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--checkpoint', path,
+            '--device', 'cpu', '-j', '0', check=False)
+    assert_clean_failure(p, needle)
+
+
+@pytest.mark.parametrize('content,needles', [
+    ('model: [unclosed\n', ['not valid YAML', 'line']),
+    ('- aug_repeats\n- 3\n', ['holds a list, not a mapping']),
+])
+def test_bad_yaml_is_named(tmp_path, content, needles):
+    cfg = tmp_path / 'recipe.yaml'
+    cfg.write_text(content)
+    p = run('train.py', '--data-dir', make_image_folder(tmp_path / 'd'), '-c', cfg, check=False)
+    assert_clean_failure(p, str(cfg), *needles)
+
+
+@pytest.mark.parametrize('extra,needles', [
+    (['--epochs', '0'], ['--epochs must be >= 1']),
+    (['-b', '0'], ['-b/--batch-size must be >= 1']),
+    (['--loss', 'losstransform', '--aug-repeats', '3', '--lt-rho', 'inf'], ['--lt-rho must be a finite number']),
+    (['-b', '48'], ['fewer than one batch of 48', 'lower -b']),
+])
+def test_bad_values_fail_before_training(tmp_path, extra, needles):
+    p = train(make_image_folder(tmp_path / 'd'), tmp_path / 'out', *extra, check=False)
+    assert_clean_failure(p, *needles)
+    assert not list((tmp_path / 'out').rglob('*.pth.tar'))
+
+
+def test_lr_with_resume_is_refused_not_ignored(tmp_path):
+    data = make_image_folder(tmp_path / 'd')
+    out = tmp_path / 'out'
+    train(data, out, '--lr', '0.05')
+    p = train(data, out, '--lr', '0.5', '--epochs', '2', '--resume', out / 'r' / 'last.pth.tar', check=False)
+    assert_clean_failure(p, '--lr 0.5 differs', '0.05')
+    train(data, out, '--lr', '0.05', '--epochs', '2', '--resume', out / 'r' / 'last.pth.tar')  # same lr: fine
+
+
+# ---------------------------------------------------------------- exact resume with augmentation and a worker
+
+def test_killed_run_with_augmentation_resumes_exactly(tmp_path):
+    data = make_image_folder(tmp_path / 'd', per_class=12)
+    common = [*RGB_FLAGS[:-3], '--workers', '1', '--no-plot', '-b', '12', '--epochs', '4', '--lr', '0.05',
+              '--warmup-epochs', '0', '--loss', 'losstransform', '--aug-repeats', '3', '--mixup', '0.2',
+              '--no-prefetcher', '--reprob', '0.25', '--seed', '5', '--output', tmp_path]
+    run('train.py', '--data-dir', data, *common, '--experiment', 'straight')
+    straight = read_summary(tmp_path / 'straight' / 'summary.csv')
+    cmd = [PYTHON, str(REPO / 'train.py'), '--data-dir', str(data), *map(str, common), '--experiment', 'killed']
+    _kill_after_first_checkpoint(cmd, tmp_path / 'killed')
+    ckpt = tmp_path / 'killed' / 'last.pth.tar'
+    done = torch.load(ckpt, map_location='cpu', weights_only=False)['epoch']
+    run('train.py', '--data-dir', data, *common, '--experiment', 'killed', '--resume', ckpt)
+    resumed = {int(r['epoch']): r for r in read_summary(tmp_path / 'killed' / 'summary.csv')}
+    assert sorted(resumed) == [0, 1, 2, 3]
+    assert done < 3
+    for row in straight:
+        e = int(row['epoch'])
+        for key in ('train_loss', 'train_loss_consistency', 'eval_loss', 'eval_top1'):
+            assert float(resumed[e][key]) == pytest.approx(float(row[key]), rel=1e-6, abs=1e-7), (e, key)
