@@ -1,5 +1,5 @@
 """lt-timm: LossTransform for PyTorch Image Models (timm), as a plugin."""
-from .layout import block_sizes, num_blocks, replica_groups, mixup_consistent
+from .layout import block_sizes, num_blocks, replica_groups
 from .loss import LossTransform, grouped_kl, consensus_log_prob, log_distribution
 from .registry import LossOptions, create_loss, register_loss, list_losses, is_registered, timm_criterion
 from .sampler import RepeatedAugBatchSampler

@@ -1,25 +1,30 @@
 """The replica layout of a LossTransform batch — defined here once.
 
-A batch of ``B`` rows holds consecutive blocks of ``m`` replicas of one source image
-(``m = --aug-repeats``); the last block is shorter when ``m`` does not divide ``B``::
+A batch of ``B`` rows holds ``ceil(B / m)`` consecutive blocks, each the replicas of one source image
+(``m = --aug-repeats``; fewer in at most two blocks when ``m`` does not divide ``B``). For an even ``B`` the block
+sizes read the same forwards and backwards (a palindrome), with the short block(s) in the middle::
 
-    B = 8, m = 3  ->  rows [0 1 2 | 3 4 5 | 6 7]  ->  groups [0 0 0 1 1 1 2 2]
+    B = 9,  m = 3  ->  [3 3 3]        rows [0 1 2 | 3 4 5 | 6 7 8]
+    B = 8,  m = 3  ->  [3 2 3]        rows [0 1 2 | 3 4 | 5 6 7]          groups [0 0 0 1 1 2 2 2]
+    B = 10, m = 3  ->  [3 2 2 3]
+    B = 7,  m = 3  ->  [3 3 1]        (odd: the short block last)
 
-The sampler uses :func:`block_sizes` to decide how many replicas each image of a batch gets;
-the loss uses :func:`replica_groups` to find which rows to average into a consensus. Nothing
-else in lt_timm may assume the layout.
+Why a palindrome: timm's batch-mode mixup/cutmix (``Mixup`` and ``FastCollateMixup``, ``mode='batch'``) mixes row
+``i`` with row ``B - 1 - i`` with one lambda (and one CutMix box) for the whole batch. Reversing a palindromic
+layout maps every block onto a block of the same size, row for row, so every replica of an image is mixed with a
+replica of *one* partner image (a middle block with itself, i.e. with other replicas of the same image) and all
+replicas of an image keep identical soft targets — for every batch size timm's mixup accepts (even ones), in
+train.py and in the launcher with stock timm's own mixup, with and without the prefetcher. When ``m`` divides ``B``
+the layout is the plain one.
 
-Mixup/CutMix in timm's ``batch`` mode pairs row ``i`` with row ``B - 1 - i``: when ``m`` divides
-``B`` this maps block ``g`` onto block ``G - 1 - g`` row by row, so every replica of an image is
-mixed with a replica of the *same* partner image with the same lambda (and, for CutMix, the
-same box), and replicas keep identical soft targets. When ``m`` does not divide ``B`` partner
-blocks straddle two images; :func:`mixup_consistent` tells which case a batch size is in.
+The sampler uses :func:`block_sizes` to decide how many replicas each image of a batch gets; the loss uses
+:func:`replica_groups` to find which rows to average into a consensus. Nothing else in lt_timm may assume the layout.
 """
 from typing import List, Optional
 
 import torch
 
-__all__ = ['block_sizes', 'num_blocks', 'replica_groups', 'mixup_consistent', 'rows_per_step', 'EPOCH_MODES']
+__all__ = ['block_sizes', 'num_blocks', 'replica_groups', 'rows_per_step', 'EPOCH_MODES']
 
 # How an epoch of repeated augmentation is sized (see :func:`rows_per_step` and ``lt_timm.sampler``).
 EPOCH_MODES = ('v1', 'full', 'original')
@@ -33,37 +38,38 @@ def _check(batch_size: int, num_repeats: int) -> None:
 
 
 def block_sizes(batch_size: int, num_repeats: int) -> List[int]:
-    """Number of replicas of each image in a batch, in row order."""
+    """Number of replicas of each image in a batch, in row order (``ceil(B / m)`` images; see the module doc)."""
     _check(batch_size, num_repeats)
-    full, rest = divmod(batch_size, num_repeats)
-    return [num_repeats] * full + ([rest] if rest else [])
+    m = num_repeats
+    full, rest = divmod(batch_size, m)
+    if not rest:
+        return [m] * full
+    if batch_size % 2:  # timm's mixup needs an even batch: an odd one keeps its short block last
+        return [m] * full + [rest]
+    # even: a palindrome, the short block(s) in the middle (B even and full odd imply m + rest even)
+    middle = [rest] if full % 2 == 0 else [(m + rest) // 2] * 2
+    half = [m] * (full // 2)
+    return half + middle + half
 
 
 def num_blocks(batch_size: int, num_repeats: int) -> int:
     """Number of distinct source images in a batch."""
-    _check(batch_size, num_repeats)
-    return -(-batch_size // num_repeats)
+    return len(block_sizes(batch_size, num_repeats))
+
+
+def replica_groups(batch_size: int, num_repeats: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Group id (source image index within the batch) of every row, shape ``(batch_size,)``."""
+    sizes = block_sizes(batch_size, num_repeats)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
 
 
 def rows_per_step(batch_size: int, num_repeats: int, epoch_mode: str = 'v1') -> int:
     """Rows of one training step for ``-b batch_size``.
 
-    ``v1`` and ``full``: ``-b`` counts rows (``batch_size / m`` distinct images per step). ``original`` (the paper's
-    first LossTransform): ``-b`` counts images, each with ``m`` replicas, so a step has ``m * batch_size`` rows.
+    ``v1`` and ``full``: ``-b`` counts rows (about ``batch_size / m`` distinct images per step). ``original`` (the
+    paper's first LossTransform): ``-b`` counts images, each with ``m`` replicas, so a step has ``m * batch_size`` rows.
     """
     _check(batch_size, num_repeats)
     if epoch_mode not in EPOCH_MODES:
         raise ValueError(f'epoch mode must be one of {EPOCH_MODES}, got {epoch_mode!r}.')
     return batch_size * num_repeats if epoch_mode == 'original' else batch_size
-
-
-def replica_groups(batch_size: int, num_repeats: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Group id (source image index within the batch) of every row, shape ``(batch_size,)``."""
-    _check(batch_size, num_repeats)
-    return torch.arange(batch_size, device=device) // num_repeats
-
-
-def mixup_consistent(batch_size: int, num_repeats: int) -> bool:
-    """True when timm's batch-mode mixup pairs all replicas of an image with replicas of one partner image."""
-    _check(batch_size, num_repeats)
-    return batch_size % num_repeats == 0

@@ -10,20 +10,17 @@ timm builds everything else (transforms, collate, mixup collate, prefetcher, ran
 batch order is replaced. Two CIFAR-style augmentations are added on top of timm's train transform
 (:mod:`lt_timm.transforms`): ``train_crop_mode='pad'`` (pad-and-crop, ``pad_crop`` pixels) and ``cutout``.
 """
-import logging
 from typing import Optional
 
 import torch
 import timm.data
 from torchvision import transforms as T
 
-from .layout import mixup_consistent, rows_per_step
+from .layout import rows_per_step
 from .sampler import RepeatedAugBatchSampler
 from .transforms import apply_cifar_augmentation
 
 __all__ = ['create_loader']
-
-_logger = logging.getLogger(__name__)
 
 
 def create_loader(
@@ -79,13 +76,6 @@ def create_loader(
     batch_sampler = RepeatedAugBatchSampler(
         len(dataset), batch_size, num_aug_repeats, num_replicas=world_size, rank=rank,
         epoch_mode=aug_repeat_mode, seed=seed)
-    collate_fn = kwargs.get('collate_fn')
-    if collate_fn is not None and getattr(collate_fn, 'mode', None) == 'batch' \
-            and not mixup_consistent(batch_size, num_aug_repeats):
-        _logger.warning(
-            f'batch size {batch_size} is not a multiple of --aug-repeats {num_aug_repeats}: batch-mode mixup '
-            f'will mix some replicas of an image with different partner images.')
-
     # timm builds transforms, collate and prefetcher; we only swap in the grouped batch order.
     loader = timm.data.create_loader(
         dataset, input_size, batch_size, is_training=True, num_aug_repeats=0, distributed=False, **kwargs)

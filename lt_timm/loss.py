@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import replica_groups
+from .layout import num_blocks, replica_groups
 
 __all__ = ['LossTransform', 'consensus_log_prob', 'grouped_kl', 'log_distribution', 'DISTRIBUTIONS']
 
@@ -164,7 +164,7 @@ class LossTransform(nn.Module):
         logp = log_distribution(logits, self.distribution)
         kl = grouped_kl(
             logp, groups, detach_consensus=self.detach_consensus, reverse=self.reverse_kl,
-            num_groups=-(-logits.shape[0] // self.num_repeats))
+            num_groups=num_blocks(logits.shape[0], self.num_repeats))
         return kl.mean()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

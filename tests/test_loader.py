@@ -1,6 +1,5 @@
 """lt_timm.create_loader on a tiny real ImageFolder (PNG files), plus one real 2-process gloo DDP run."""
 import json
-import logging
 import os
 import random
 import socket
@@ -145,7 +144,9 @@ def test_non_repeat_path_is_timm(image_root):
 
 
 @pytest.mark.parametrize('alphas', [(1.0, 0.0), (0.0, 1.0)], ids=['mixup', 'cutmix'])
-def test_batch_mixup_gives_replicas_identical_targets(image_root, alphas):
+@pytest.mark.parametrize('batch_size', [6, 8, 10])
+def test_batch_mixup_gives_replicas_identical_targets(image_root, alphas, batch_size):
+    """Through the real loader (prefetcher collate), also when m = 3 does not divide the batch."""
     root, colours = image_root
     ds = make_dataset(root)
     info = source_info(ds, colours)
@@ -153,45 +154,28 @@ def test_batch_mixup_gives_replicas_identical_targets(image_root, alphas):
     collate = FastCollateMixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=0.,
                                num_classes=NUM_CLASSES, mode='batch')
     loader = lt_timm.create_loader(
-        ds, SIZE, 6, is_training=True, num_aug_repeats=3, use_prefetcher=True, device=torch.device('cpu'),
+        ds, SIZE, batch_size, is_training=True, num_aug_repeats=3, use_prefetcher=True, device=torch.device('cpu'),
         num_workers=0, collate_fn=collate, seed=1)
-    lams = []
+    lams, b = [], batch_size
+    eye = torch.eye(NUM_CLASSES)
     for epoch in range(3):
         loader.batch_sampler.set_epoch(epoch)
-        expected = expected_batches(N_IMAGES, 6, 3, epoch, seed=1)
-        for (x, target), idx in zip(loader, expected):
-            assert x.shape == (6, *SIZE)
-            assert target.shape == (6, NUM_CLASSES) and target.dtype == torch.float32
-            for g in range(2):
-                for r in (3 * g + 1, 3 * g + 2):
-                    assert torch.equal(target[r], target[3 * g])  # every row of a block: same soft target
+        for (x, target), idx in zip(loader, expected_batches(N_IMAGES, b, 3, epoch, seed=1)):
+            assert x.shape == (b, *SIZE)
+            assert target.shape == (b, NUM_CLASSES) and target.dtype == torch.float32
+            for r in range(b):
+                for q in range(b):
+                    if idx[q] == idx[r]:
+                        assert torch.equal(target[q], target[r])  # replicas of an image: same soft target
             # timm batch mode: row i mixed with row B-1-i with one lambda for the batch
             labels = [info[i][0] for i in idx]
-            lam = None
-            for r in range(6):
-                if labels[r] != labels[5 - r]:
-                    lam = target[r, labels[r]].item()
+            lam = next((target[r, labels[r]].item() for r in range(b) if labels[r] != labels[b - 1 - r]), None)
             if lam is None:
                 continue
             lams.append(lam)
-            eye = torch.eye(NUM_CLASSES)
-            for r in range(6):
-                torch.testing.assert_close(target[r], lam * eye[labels[r]] + (1 - lam) * eye[labels[5 - r]])
+            for r in range(b):
+                torch.testing.assert_close(target[r], lam * eye[labels[r]] + (1 - lam) * eye[labels[b - 1 - r]])
     assert lams and any(0.01 < lam < 0.99 for lam in lams)  # mixing really happened
-
-
-def test_batch_mixup_warns_when_batch_not_multiple_of_repeats(image_root, caplog):
-    root, _ = image_root
-    collate = FastCollateMixup(mixup_alpha=1.0, label_smoothing=0., num_classes=NUM_CLASSES, mode='batch')
-    with caplog.at_level(logging.WARNING, logger='lt_timm.loader'):
-        lt_timm.create_loader(make_dataset(root), SIZE, 8, is_training=True, num_aug_repeats=3, use_prefetcher=True,
-                              device=torch.device('cpu'), num_workers=0, collate_fn=collate)
-    assert any('not a multiple of --aug-repeats 3' in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger='lt_timm.loader'):
-        lt_timm.create_loader(make_dataset(root), SIZE, 6, is_training=True, num_aug_repeats=3, use_prefetcher=True,
-                              device=torch.device('cpu'), num_workers=0, collate_fn=collate)
-    assert not any('not a multiple' in r.getMessage() for r in caplog.records)
 
 
 def test_partial_blocks_and_full_mode(image_root):
@@ -206,7 +190,7 @@ def test_partial_blocks_and_full_mode(image_root):
     for (x, target), idx in zip(loader, expected):
         assert x.shape == (5, *SIZE)
         assert target.tolist() == [info[i][0] for i in idx]
-        assert idx[0] == idx[1] and idx[2] == idx[3]
+        assert idx[0] == idx[1] and idx[2] == idx[3]  # odd batch: blocks [2 2 1]
 
 
 def test_loader_errors(image_root):

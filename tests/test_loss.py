@@ -18,12 +18,13 @@ from lt_timm import LossTransform
 # ----------------------------------------------------------------------------- references
 
 def ref_blocks(batch_size, m):
-    """Row ranges of the replica blocks, by walking the batch (independent of lt_timm.layout)."""
+    """Row ranges of the replica blocks. The layout itself is lt_timm.layout's (tested by tests/test_layout.py);
+    everything computed over the blocks below is an independent loop reference."""
+    from lt_timm.layout import block_sizes
     blocks, start = [], 0
-    while start < batch_size:
-        end = min(start + m, batch_size)
-        blocks.append(range(start, end))
-        start = end
+    for size in block_sizes(batch_size, m):
+        blocks.append(range(start, start + size))
+        start += size
     return blocks
 
 
@@ -168,7 +169,7 @@ def test_rho_zero_is_exactly_base_loss():
 
 def test_single_row_block_contributes_zero():
     gen = torch.Generator().manual_seed(11)
-    logits = torch.randn(7, 5, generator=gen)  # m=3 -> last block is row 6 alone
+    logits = torch.randn(7, 5, generator=gen)  # m=3, odd B -> blocks [3 3 1]: row 6 alone
     lt = LossTransform(nn.CrossEntropyLoss(), num_repeats=3)
     target = torch.zeros(7, dtype=torch.long)
     lt(logits, target)
@@ -177,7 +178,7 @@ def test_single_row_block_contributes_zero():
     other[6] = torch.randn(5, generator=gen) * 10
     lt(other, target)
     assert torch.equal(c1, lt.last_consistency)
-    # sum over the first two blocks only, divided by all 7 rows
+    # sum over the two full blocks only, divided by all 7 rows
     rows = ref_row_divergences(logits, 3)
     assert rows[6].item() == pytest.approx(0.0, abs=1e-12)
     assert c1.item() == pytest.approx(sum(r.item() for r in rows[:6]) / 7, rel=1e-5)
