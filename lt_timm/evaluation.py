@@ -127,7 +127,8 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         use_prefetcher=args.prefetcher, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, crop_pct=data_config['crop_pct'], device=device)
+        std=data_config['std'], num_workers=args.workers, crop_pct=data_config['crop_pct'], device=device,
+        persistent_workers=args.workers > 0)
     start = time.time()
     metrics = validate(model, loader, args, device, amp_autocast)
     elapsed = time.time() - start

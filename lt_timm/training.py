@@ -430,7 +430,8 @@ def _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, 
     loader_eval = create_loader(
         dataset_eval, input_size=data_config['input_size'],
         batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+        persistent_workers=args.workers > 0, **common)  # timm <= 1.0.27 asks torch for persistence without workers
     return loader_train, loader_eval
 
 
@@ -471,6 +472,15 @@ def _check_finite_weights(task: ClassificationTask, epoch: int, output_dir: Opti
               if last and os.path.exists(last) else 'then start again (no checkpoint was saved before this epoch)')
     raise UserError(f'training diverged in epoch {epoch}: the weights are no longer finite (NaN/inf) and were not '
                     f'saved; lower --lr or add --clip-grad 1.0, {resume}.')
+
+
+def _set_sampler_epoch(loader, epoch: int) -> None:
+    """``set_epoch`` on the (batch) sampler, also through timm's PrefetchLoader (older ones hide the sampler)."""
+    inner = getattr(loader, 'loader', loader)
+    for obj in (getattr(inner, 'batch_sampler', None), getattr(inner, 'sampler', None)):
+        if hasattr(obj, 'set_epoch'):
+            obj.set_epoch(epoch)
+            return
 
 
 def _seed_epoch(args: argparse.Namespace, epoch: int) -> None:
@@ -580,10 +590,7 @@ def _epoch_loop(args, task, loader_train, loader_eval, optimizer, lr_scheduler, 
     best_metric, best_epoch = None, None
     eval_metrics = OrderedDict()
     for epoch in range(start_epoch, num_epochs):
-        for obj in (getattr(loader_train, 'batch_sampler', None), getattr(loader_train, 'sampler', None)):
-            if hasattr(obj, 'set_epoch'):
-                obj.set_epoch(epoch)
-                break
+        _set_sampler_epoch(loader_train, epoch)
         _seed_epoch(args, epoch)
         train_metrics = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=lr_scheduler,
