@@ -19,7 +19,7 @@ from .errors import UserError
 from .metrics import view_statistics
 from .plots import plot_view_heatmap
 from .transforms import apply_cifar_augmentation
-from .modeling import create_model, load_weights
+from .modeling import create_model, load_weights, read_checkpoint_args
 from .training import validate
 
 __all__ = ['build_validate_parser', 'run_validation']
@@ -101,7 +101,10 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
         raise UserError(f'dataset folder {root} does not exist; pass it with --data-dir DIR.')
     in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
     # The run's class map (saved by train.py beside its checkpoints) keeps the labels of training.
-    run_map = read_class_map(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint else None
+    run_map = None
+    if args.checkpoint:
+        saved = read_checkpoint_args(args.checkpoint) if os.path.isfile(args.checkpoint) else None
+        run_map = getattr(saved, 'class_to_idx', None) or read_class_map(os.path.dirname(os.path.abspath(args.checkpoint)))
     if run_map and not args.class_map:
         _logger.info(f'Using the class map of the training run ({len(run_map)} classes) beside {args.checkpoint}.')
     data_opts = dict(class_map=args.class_map or run_map, input_img_mode=args.input_img_mode or

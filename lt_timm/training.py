@@ -569,6 +569,7 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
                 f.write(args_text)
             if class_to_idx:
                 write_class_map(class_to_idx, output_dir)
+                args.class_to_idx = class_to_idx  # saved in every checkpoint's 'args' (not in args.yaml)
             _logger.info(
                 f'Model {safe_model_name(args.model)} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
                 f'{len(dataset_train)} train / {len(dataset_eval)} val images, {args.num_classes} classes. '

@@ -65,6 +65,9 @@ def test_val_split_missing_a_class_keeps_the_labels(tmp_path):
     train(data, out, '--epochs', '2', '--lr', '0.05')
     run_dir = out / 'r'
     assert (run_dir / 'class_map.txt').read_text().split() == ['class0', 'class1', 'class2']
+    saved = torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=False)['args']
+    assert saved.class_to_idx == train_map
+    (run_dir / 'class_map.txt').unlink()  # the checkpoint alone carries the map
     res = tmp_path / 'v.json'
     run('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--img-size', '32',
         '--checkpoint', run_dir / 'last.pth.tar', '--device', 'cpu', '-j', '0', '--results-file', res)
