@@ -1,6 +1,6 @@
 """lt-timm: LossTransform for PyTorch Image Models (timm), as a plugin."""
-from .layout import block_sizes, num_blocks, replica_groups
-from .loss import LossTransform, grouped_kl, consensus_log_prob, log_distribution
+from .layout import block_runs, block_sizes, num_blocks, replica_groups
+from .loss import LossTransform, blockwise_kl, grouped_kl, consensus_log_prob, log_distribution
 from .registry import LossOptions, create_loss, register_loss, list_losses, is_registered, timm_criterion
 from .sampler import RepeatedAugBatchSampler
 from .loader import create_loader

@@ -18,13 +18,15 @@ train.py and in the launcher with stock timm's own mixup, with and without the p
 the layout is the plain one.
 
 The sampler uses :func:`block_sizes` to decide how many replicas each image of a batch gets; the loss uses
-:func:`replica_groups` to find which rows to average into a consensus. Nothing else in lt_timm may assume the layout.
+:func:`block_runs` (runs of equal-size blocks, at most three: static shapes, no index tensors) to find which rows to
+average into a consensus; :func:`replica_groups` gives the same as one group id per row, for code that needs ids.
+Nothing else in lt_timm may assume the layout.
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ['block_sizes', 'num_blocks', 'replica_groups', 'rows_per_step', 'EPOCH_MODES']
+__all__ = ['block_sizes', 'block_runs', 'num_blocks', 'replica_groups', 'rows_per_step', 'EPOCH_MODES']
 
 # How an epoch of repeated augmentation is sized (see :func:`rows_per_step` and ``lt_timm.sampler``).
 EPOCH_MODES = ('v1', 'full', 'original')
@@ -41,7 +43,7 @@ def block_sizes(batch_size: int, num_repeats: int) -> List[int]:
     """Number of replicas of each image in a batch, in row order (``ceil(B / m)`` images; see the module doc)."""
     _check(batch_size, num_repeats)
     m = num_repeats
-    full, rest = divmod(batch_size, m)
+    full, rest = batch_size // m, batch_size % m
     if not rest:
         return [m] * full
     if batch_size % 2:  # timm's mixup needs an even batch: an odd one keeps its short block last
@@ -50,6 +52,21 @@ def block_sizes(batch_size: int, num_repeats: int) -> List[int]:
     middle = [rest] if full % 2 == 0 else [(m + rest) // 2] * 2
     half = [m] * (full // 2)
     return half + middle + half
+
+
+def block_runs(batch_size: int, num_repeats: int) -> List[Tuple[int, int]]:
+    """The blocks as maximal runs ``(number of blocks, rows per block)`` in row order (at most three runs).
+
+    ``B = 10, m = 3`` (blocks ``[3 2 2 3]``) gives ``[(1, 3), (2, 2), (1, 3)]``: rows ``0:3`` are one image,
+    rows ``3:7`` two images of 2 rows, rows ``7:10`` one image. A run reshapes to ``(blocks, rows, ...)``.
+    """
+    runs: List[Tuple[int, int]] = []
+    for size in block_sizes(batch_size, num_repeats):
+        if runs and runs[-1][1] == size:
+            runs[-1] = (runs[-1][0] + 1, size)
+        else:
+            runs.append((1, size))
+    return runs
 
 
 def num_blocks(batch_size: int, num_repeats: int) -> int:

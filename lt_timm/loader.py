@@ -3,24 +3,34 @@
 A drop-in for :func:`timm.data.create_loader`: same arguments and behaviour, except that with
 ``is_training=True`` and ``num_aug_repeats = m > 0`` the batches come from
 :class:`~lt_timm.sampler.RepeatedAugBatchSampler` — in one process too (stock timm asserts), with all
-``m`` replicas of an image in the same batch on the same rank. Each replica is its own ``dataset[i]``
-call through the training transform, so replicas are augmented independently.
+``m`` replicas of an image in the same batch on the same rank.
+
+Decode once, augment ``m`` times (``decode_once=True``, the default): the grouped loader reads and decodes each image
+once per replica group and applies the training transform ``m`` times to it, each call with fresh randomness, so
+replicas are augmented independently (:mod:`lt_timm.decode_once`; under the same seeds the batches equal per-replica
+loading). This works for timm's ``ImageDataset`` and lt-timm's ``StrictImageDataset`` (folder datasets); any other
+dataset (torchvision, custom) falls back, with one log line, to per-replica loading: each replica its own
+``dataset[i]`` call through the training transform.
 
 timm builds everything else (transforms, collate, mixup collate, prefetcher, random erasing); only the
 batch order is replaced. Two CIFAR-style augmentations are added on top of timm's train transform
 (:mod:`lt_timm.transforms`): ``train_crop_mode='pad'`` (pad-and-crop, ``pad_crop`` pixels) and ``cutout``.
 """
+import logging
 from typing import Optional
 
 import torch
 import timm.data
 from torchvision import transforms as T
 
+from .decode_once import decode_once_dataset
 from .layout import rows_per_step
 from .sampler import RepeatedAugBatchSampler
 from .transforms import apply_cifar_augmentation
 
 __all__ = ['create_loader']
+
+_logger = logging.getLogger(__name__)
 
 
 def create_loader(
@@ -36,6 +46,7 @@ def create_loader(
         rank: Optional[int] = None,
         pad_crop: int = 4,
         cutout: int = 0,
+        decode_once: bool = True,
         **kwargs,
 ):
     """Create a timm data loader; training loaders with ``num_aug_repeats > 0`` group replicas.
@@ -47,6 +58,9 @@ def create_loader(
         world_size, rank: override the DDP world size/rank (default: from torch.distributed when ``distributed``).
         pad_crop: padding in pixels when ``train_crop_mode='pad'`` (CIFAR pad-and-crop).
         cutout: Cutout square side in pixels for training (0: off).
+        decode_once: grouped training loaders read and decode each image once per replica group and apply the
+            transform ``m`` times (:mod:`lt_timm.decode_once`); ``False``: each replica is its own ``dataset[i]``.
+            Datasets that cannot be split into read/decode + transform always load per replica (logged once).
     """
     pad = pad_crop if is_training and kwargs.get('train_crop_mode') == 'pad' else 0
     if pad:
@@ -81,8 +95,17 @@ def create_loader(
         dataset, input_size, batch_size, is_training=True, num_aug_repeats=0, distributed=False, **kwargs)
     _add_cifar_augmentation(dataset, is_training, input_size, pad, cutout, kwargs)
     inner = loader.loader if isinstance(loader, timm.data.loader.PrefetchLoader) else loader
+    grouped_dataset = inner.dataset
+    if decode_once:
+        wrapped = decode_once_dataset(grouped_dataset)
+        if wrapped is None:
+            _logger.info(f'lt_timm.create_loader: decode-once is off for {type(grouped_dataset).__name__} (not a timm '
+                         f'ImageDataset, cannot be split into read/decode + transform); each of the {num_aug_repeats} '
+                         f'replicas of an image is loaded and decoded separately.')
+        else:
+            grouped_dataset = wrapped
     grouped = torch.utils.data.DataLoader(
-        inner.dataset,
+        grouped_dataset,
         batch_sampler=batch_sampler,
         num_workers=inner.num_workers,
         collate_fn=inner.collate_fn,

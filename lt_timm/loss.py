@@ -6,18 +6,25 @@ distributions ``pbar``, and the transformed objective is
 
     T(L) = (1/n) sum_i [ L(y_i; p_i) + rho * KL(pbar_i || p_i) ].
 
-Everything here works in log space (``pbar`` via a grouped log-sum-exp), in float32, so fp16/bf16
+Everything here works in log space (``pbar`` via a log-sum-exp over the replicas), in float32, so fp16/bf16
 logits and extreme logits (+-1e4) give finite values and gradients.
+
+The training loss (:class:`LossTransform`, :func:`blockwise_kl`) has static shapes: the rows of each run of equal
+blocks (:func:`lt_timm.layout.block_runs`, at most three) are reshaped to ``(images, replicas, ...)``. No index
+tensors, no scatter/atomics (deterministic on CUDA), no host synchronisation, one graph under
+``torch.compile(fullgraph=True)``. :func:`grouped_kl` / :func:`consensus_log_prob` take arbitrary group ids instead
+(evaluation metrics, detection instances).
 """
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import num_blocks, replica_groups
+from .layout import block_runs
 
-__all__ = ['LossTransform', 'consensus_log_prob', 'grouped_kl', 'log_distribution', 'DISTRIBUTIONS']
+__all__ = ['LossTransform', 'blockwise_kl', 'consensus_log_prob', 'grouped_kl', 'log_distribution', 'DISTRIBUTIONS']
 
 DISTRIBUTIONS = ('softmax', 'bernoulli')
 
@@ -74,12 +81,39 @@ def grouped_kl(
     log_pbar = consensus_log_prob(logp, groups, num_groups)
     if detach_consensus:
         log_pbar = log_pbar.detach()
-    log_pbar = log_pbar[groups]
-    if reverse:
-        kl = torch.exp(logp) * (logp - log_pbar)
-    else:
-        kl = torch.exp(log_pbar) * (log_pbar - logp)
+    kl = _divergence(logp, log_pbar[groups], reverse)
     return kl.reshape(kl.shape[0], -1).sum(dim=1)
+
+
+def _divergence(logp: torch.Tensor, log_pbar: torch.Tensor, reverse: bool) -> torch.Tensor:
+    if reverse:
+        return torch.exp(logp) * (logp - log_pbar)
+    return torch.exp(log_pbar) * (log_pbar - logp)
+
+
+def blockwise_kl(
+        logp: torch.Tensor,
+        num_repeats: int,
+        detach_consensus: bool = False,
+        reverse: bool = False,
+) -> torch.Tensor:
+    """Per-row divergence from the consensus of its image, for a batch in the layout of :mod:`lt_timm.layout`.
+
+    Same values as :func:`grouped_kl` with ``replica_groups(B, m)``, computed with static shapes: each run of equal
+    blocks is reshaped to ``(images, replicas, -1)`` and ``log pbar = logsumexp over replicas - log(replicas)``.
+    A block of one row gives exactly 0 (its log-sum-exp is the row itself), with a zero gradient.
+    """
+    parts = []
+    start = 0
+    for count, size in block_runs(logp.shape[0], num_repeats):
+        rows = count * size
+        block = logp[start:start + rows].reshape(count, size, -1)
+        start += rows
+        log_pbar = torch.logsumexp(block, dim=1, keepdim=True) - math.log(size)
+        if detach_consensus:
+            log_pbar = log_pbar.detach()
+        parts.append(_divergence(block, log_pbar, reverse).sum(dim=2).reshape(rows))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _is_sigmoid_loss(loss: nn.Module) -> bool:
@@ -99,7 +133,9 @@ class LossTransform(nn.Module):
         distribution: ``'softmax'``, ``'bernoulli'`` (per-class sigmoid, for BCE), or ``'auto'``
             (``'bernoulli'`` when ``base_loss`` is timm's ``BinaryCrossEntropy`` or ``BCEWithLogitsLoss``).
         reverse_kl: use KL(p_i || pbar) (AugMix direction) instead of the paper's KL(pbar || p_i).
-        check_finite: raise on non-finite logits (one device sync per step).
+        check_finite: raise on non-finite logits. Off by default: the check costs one host sync per step (and a graph
+            break under ``torch.compile``); ``train.py`` checks the accumulated loss at each log interval instead
+            (``--check-loss-every-step`` turns this check on).
 
     After each call, ``last_base`` and ``last_consistency`` hold the detached components.
     """
@@ -112,7 +148,7 @@ class LossTransform(nn.Module):
             detach_consensus: bool = False,
             distribution: str = 'auto',
             reverse_kl: bool = False,
-            check_finite: bool = True,
+            check_finite: bool = False,
     ):
         super().__init__()
         if not isinstance(num_repeats, int) or isinstance(num_repeats, bool) or num_repeats < 1:
@@ -160,12 +196,8 @@ class LossTransform(nn.Module):
 
     def consistency(self, logits: torch.Tensor) -> torch.Tensor:
         """Mean over rows of the divergence of each replica from its image's consensus."""
-        groups = replica_groups(logits.shape[0], self.num_repeats, device=logits.device)
         logp = log_distribution(logits, self.distribution)
-        kl = grouped_kl(
-            logp, groups, detach_consensus=self.detach_consensus, reverse=self.reverse_kl,
-            num_groups=num_blocks(logits.shape[0], self.num_repeats))
-        return kl.mean()
+        return blockwise_kl(logp, self.num_repeats, self.detach_consensus, self.reverse_kl).mean()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_inputs(logits, target)

@@ -79,6 +79,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='Input batch size for training (default: 128)')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N', help='Validation batch size override (default: None)')
     g.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
+    g.add_argument('--torchcompile-mode', type=str, default=None, help="torch.compile mode (default: None).")
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', help="Enable compilation w/ specified backend (default: inductor); compiles the model and the loss.")
 
     g = parser.add_argument_group('Device parameters')
     g.add_argument('--device', default='cuda', type=str, help='Device (accelerator) to use.')
@@ -169,6 +171,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment, name of sub-folder for output')
     g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='Best metric (default: "top1")')
     g.add_argument('--no-plot', action='store_true', default=False, help='do not write the training-curves PNG at the end')
+    g.add_argument('--check-loss-every-step', action='store_true', default=False, help='check every step\'s loss before applying it (one host sync per step; default: the summed loss at each --log-interval)')
+    g.add_argument('--no-decode-once', action='store_true', default=False, help='with --aug-repeats: decode each replica\'s image separately instead of once per replica group')
     g.add_argument('--check-images', default='header', choices=IMAGE_CHECKS, help='check every image file before training: header (default: headers and complete JPEG/PNG files), decode (decode every image), none')
     add_losstransform_args(parser)
     return config_parser, parser
@@ -251,6 +255,24 @@ def _resolve_num_classes(args: argparse.Namespace, dataset_train) -> None:
                         f'set --num-classes {n_data}.')
 
 
+def _diverged(loss_value: float, epoch: int, steps: str, output_dir: Optional[str], applied: bool) -> UserError:
+    last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
+    resume = (f'then --resume {last} (end of epoch {epoch - 1})' if last and os.path.exists(last)
+              else 'then start again (no checkpoint was saved yet)')
+    what = 'nothing of this epoch was saved' if applied else 'this step was not applied'
+    return UserError(f'loss is {loss_value} at epoch {epoch} {steps}: training diverged and {what}; '
+                     f'lower --lr, add --clip-grad 1.0 or drop --amp, {resume}.')
+
+
+def _loss_parts(criterion: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """(loss, base, consistency) of the last step as one detached device tensor; consistency NaN without T(L)."""
+    base = getattr(criterion, 'last_base', None)  # also through a torch.compile'd LossTransform
+    cons = getattr(criterion, 'last_consistency', None)
+    if base is None or cons is None:
+        base, cons = loss.detach(), torch.full_like(loss.detach(), float('nan'))
+    return torch.stack([loss.detach().float(), base.float(), cons.float()])
+
+
 def train_one_epoch(
         epoch: int,
         task: ClassificationTask,
@@ -264,7 +286,12 @@ def train_one_epoch(
         mixup_fn=None,
         output_dir: Optional[str] = None,
 ) -> 'OrderedDict[str, float]':
-    """One epoch of ``task`` over ``loader``; returns the epoch's mean loss, its parts, time and throughput."""
+    """One epoch of ``task`` over ``loader``; returns the epoch's mean loss, its parts, time and throughput.
+
+    No host synchronisation per step: the loss and its parts are summed on the device and read at each log
+    interval (and the epoch's end), where a non-finite sum stops the run. ``--check-loss-every-step`` checks every
+    step's loss before it is applied instead (one sync per step).
+    """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and getattr(loader, 'mixup_enabled', False):
             loader.mixup_enabled = False
@@ -273,11 +300,12 @@ def train_one_epoch(
     model = task.get_trainable_module()
     model.train()
     criterion = task.criterion
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, base, consistency, samples
+    sums = torch.zeros(3, dtype=torch.float32 if device.type == 'mps' else torch.float64, device=device)
+    samples = 0
     num_batches = len(loader)
     num_updates = epoch * num_batches
     start = last_log = time.time()
-    samples_since_log = 0
+    samples_since_log, logged_step = 0, 0
     for batch_idx, (input, target) in enumerate(loader):
         if not args.prefetcher:
             input, target = input.to(device), target.to(device)
@@ -288,13 +316,8 @@ def train_one_epoch(
 
         with amp_autocast():
             loss = task(input, target)['loss']
-        if not torch.isfinite(loss):
-            last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
-            resume = (f'then --resume {last} (end of epoch {epoch - 1})' if last and os.path.exists(last)
-                      else 'then start again (no checkpoint was saved yet)')
-            raise UserError(
-                f'loss is {loss.item()} at epoch {epoch} step {batch_idx}: training diverged and this step was not '
-                f'applied; lower --lr, add --clip-grad 1.0 or drop --amp, {resume}.')
+        if args.check_loss_every_step and not torch.isfinite(loss):
+            raise _diverged(loss.item(), epoch, f'step {batch_idx}', output_dir, applied=False)
         optimizer.zero_grad()
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -309,35 +332,43 @@ def train_one_epoch(
         task.update_ema(step=num_updates)
 
         n = input.shape[0]
-        base = criterion.last_base if isinstance(criterion, LossTransform) else loss.detach()
-        cons = criterion.last_consistency if isinstance(criterion, LossTransform) else torch.tensor(float('nan'))
-        sums += torch.tensor([loss.item() * n, base.item() * n, cons.item() * n, n], dtype=torch.float64)
+        parts = _loss_parts(criterion, loss)
+        sums += parts.to(sums.dtype) * n
+        samples += n
         samples_since_log += n
 
         if (batch_idx + 1) % args.log_interval == 0 or batch_idx + 1 == num_batches:
+            host = torch.cat([sums, parts.to(sums.dtype)]).tolist()  # the one sync of a log interval
+            if not math.isfinite(host[0]):
+                raise _diverged(host[0], epoch, f'between steps {logged_step} and {batch_idx} (checked every '
+                                f'--log-interval {args.log_interval} steps; --check-loss-every-step stops before the '
+                                f'step)', output_dir, applied=True)
+            logged_step = batch_idx + 1
             now = time.time()
             rate = samples_since_log * args.world_size / max(now - last_log, 1e-9)
             eta = (now - start) / (batch_idx + 1) * (num_batches - batch_idx - 1)
             lr = optimizer.param_groups[0]['lr']
             if utils.is_primary(args):
                 _logger.info(
-                    f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] loss {loss.item():.4f} '
-                    f'(base {base.item():.4f} + consistency {cons.item():.4f}) lr {lr:.3e} '
+                    f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] loss {host[3]:.4f} '
+                    f'(base {host[4]:.4f} + consistency {host[5]:.4f}) lr {lr:.3e} '
                     f'{rate:.1f} img/s ETA {eta:.0f}s')
             last_log, samples_since_log = now, 0
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
 
     epoch_time = time.time() - start
+    totals = torch.cat([sums, sums.new_tensor([samples])])
     if args.distributed:
-        sums = _all_reduce_sum(sums, device)
-    count = max(sums[3].item(), 1.0)
+        totals = _all_reduce_sum(totals, device)
+    totals = totals.tolist()
+    count = max(totals[3], 1.0)
     return OrderedDict([
-        ('loss', sums[0].item() / count),
-        ('loss_base', sums[1].item() / count),
-        ('loss_consistency', sums[2].item() / count),
+        ('loss', totals[0] / count),
+        ('loss_base', totals[1] / count),
+        ('loss_consistency', totals[2] / count),
         ('epoch_s', epoch_time),
-        ('img_s', sums[3].item() / max(epoch_time, 1e-9)),
+        ('img_s', totals[3] / max(epoch_time, 1e-9)),
     ])
 
 
@@ -423,7 +454,8 @@ def _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, 
         ratio=args.ratio, hflip=args.hflip,
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         num_aug_repeats=args.aug_repeats, num_aug_splits=args.aug_splits, interpolation=train_interpolation,
-        collate_fn=collate_fn, aug_repeat_mode=args.lt_epoch, seed=args.seed, persistent_workers=False, **common)
+        collate_fn=collate_fn, aug_repeat_mode=args.lt_epoch, seed=args.seed, decode_once=not args.no_decode_once,
+        persistent_workers=False, **common)
     if len(loader_train) == 0:
         raise UserError(f'the training set has {len(dataset_train)} images, fewer than one batch of '
                         f'{args.batch_size} per process; lower -b/--batch-size or add data.')
@@ -440,8 +472,6 @@ def _criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
     if args.aug_repeats >= 2 and not isinstance(criterion, LossTransform) and args.loss != 'jsd':
         # Repeats without T(L): still measure the replicas' consistency (rho = 0 returns the base loss exactly).
         criterion = LossTransform(criterion, num_repeats=args.aug_repeats, rho=0.)
-    if isinstance(criterion, LossTransform):
-        criterion.check_finite = False  # the epoch loop checks the loss, with the step and how to resume
     return criterion
 
 
@@ -491,6 +521,9 @@ def _seed_epoch(args: argparse.Namespace, epoch: int) -> None:
 def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]':
     """Run a full training job; returns the final epoch's eval metrics (and best) for scripting."""
     check_args(args)
+    if torch.cuda.is_available():  # as timm's train.py
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     args.aug_repeats = int(args.aug_repeats)
     args.prefetcher = not args.no_prefetcher
     device = _setup_device(args)
@@ -539,6 +572,13 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
                        device='cpu' if args.model_ema_force_cpu else None)
         if args.resume:
             load_task_ema_checkpoint(task, args.resume)
+    if args.torchcompile:  # as timm: before DDP wrapping; the loss too (one graph, see lt_timm.loss)
+        if utils.is_primary(args):
+            _logger.info(f'Compiling model and loss with backend={args.torchcompile}, mode={args.torchcompile_mode}')
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        task.criterion = torch.compile(criterion, backend=args.torchcompile, mode=args.torchcompile_mode)
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None)
 

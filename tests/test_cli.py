@@ -230,3 +230,18 @@ def test_jsd_peer_runs_with_aug_splits(image_folder, tmp_path):
     assert len(read_summary(tmp_path / 'jsd' / 'summary.csv')) == 1
     p = run('train.py', '--data-dir', image_folder, *RGB_FLAGS, '--loss', 'jsd', check=False)
     assert_clean_failure(p, '--aug-splits')
+
+
+def test_torchcompile_trains_the_same_run_and_saves_loadable_weights(image_folder, tmp_path):
+    """--torchcompile compiles model and loss (timm's flag; the cheap aot_eager backend runs forward and backward
+    through the captured graphs on CPU): same losses and accuracy as eager, checkpoint without '_orig_mod.' keys."""
+    common = [*RGB_FLAGS, '-b', '12', '--epochs', '1', '--warmup-epochs', '0', '--loss', 'losstransform',
+              '--aug-repeats', '3', '--output', tmp_path]
+    eager = run('train.py', '--data-dir', image_folder, *common, '--experiment', 'eager')
+    comp = run('train.py', '--data-dir', image_folder, *common, '--experiment', 'compiled', '--torchcompile', 'aot_eager')
+    assert 'Compiling model and loss with backend=aot_eager' in comp.stdout + comp.stderr
+    (a,), (b,) = read_summary(tmp_path / 'eager' / 'summary.csv'), read_summary(tmp_path / 'compiled' / 'summary.csv')
+    for key in ('train_loss', 'train_loss_consistency', 'eval_loss'):
+        assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+    model = timm.create_model('test_resnet', num_classes=3, checkpoint_path=str(tmp_path / 'compiled' / 'last.pth.tar'))
+    assert model is not None

@@ -423,7 +423,7 @@ def test_bad_distribution():
 
 
 def test_input_errors_name_the_problem():
-    lt = LossTransform(nn.CrossEntropyLoss(), num_repeats=2)
+    lt = LossTransform(nn.CrossEntropyLoss(), num_repeats=2, check_finite=True)
     with pytest.raises(ValueError, match=r'logits of shape \(batch, classes\).*\(4, 3, 2\)'):
         lt(torch.randn(4, 3, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r'logits of shape \(batch, classes\).*\(4,\)'):
@@ -439,10 +439,10 @@ def test_input_errors_name_the_problem():
         x[2, 1] = bad
         with pytest.raises(ValueError, match='non-finite logits'):
             lt(x, torch.zeros(4, dtype=torch.long))
-    # check_finite=False skips the (syncing) check
+    # the default skips the (syncing) check: the loss is NaN and the training loop reports it
     x = torch.randn(4, 5)
     x[0, 0] = float('nan')
-    assert torch.isnan(LossTransform(nn.CrossEntropyLoss(), 2, check_finite=False)(x, torch.zeros(4, dtype=torch.long)))
+    assert torch.isnan(LossTransform(nn.CrossEntropyLoss(), 2)(x, torch.zeros(4, dtype=torch.long)))
 
 
 def test_last_components_recorded_and_detached():
@@ -459,3 +459,55 @@ def test_last_components_recorded_and_detached():
     lt(torch.randn(6, 4, generator=gen), t)  # updated on every call
     assert not torch.equal(first, lt.last_consistency)
     assert 'num_repeats=2' in lt.extra_repr() and 'rho=0.5' in lt.extra_repr()
+
+
+# ----------------------------------------------------------------------------- GPU-friendly formulation
+
+FORBIDDEN_OPS = ('scatter', 'index_add', 'index_put', 'index_select', 'bincount', 'repeat_interleave', 'nonzero',
+                 'isfinite', 'unique', 'arange', 'tensor')  # substrings; and the exact name 'item'
+
+
+@pytest.mark.parametrize('distribution', ['softmax', 'bernoulli'])
+@pytest.mark.parametrize('reverse,detach', [(False, False), (True, False), (False, True)])
+def test_compiles_as_one_graph_without_index_tensors_atomics_or_syncs(distribution, reverse, detach):
+    """torch.compile(fullgraph=True) fails on any graph break, and a host sync (.item(), bool(tensor)) is one; the
+    captured graph must hold no scatter/index_add/bincount (atomics on CUDA) nor index tensors built per step."""
+    torch._dynamo.reset()  # a fresh cache: the same forward is compiled for many batch sizes across these tests
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    lt = LossTransform(nn.CrossEntropyLoss(), 3, rho=1.5, distribution=distribution, reverse_kl=reverse,
+                       detach_consensus=detach)
+    compiled = torch.compile(lt, backend=capture, fullgraph=True)
+    gen = torch.Generator().manual_seed(11)
+    for B in (9, 8, 10, 7, 2):  # plain, palindromes with short middle block(s), odd with a short last block, B < m
+        x = (torch.randn(B, 6, generator=gen) * 3).requires_grad_()
+        t = torch.randint(0, 6, (B,), generator=gen)
+        loss = compiled(x, t)
+        cons = lt.last_consistency  # set by the compiled call
+        (g,) = torch.autograd.grad(loss, x)
+        ref = ref_consistency(x, 3, reverse=reverse, distribution=distribution, detach=detach)
+        torch.testing.assert_close(cons.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        ref_loss = nn.CrossEntropyLoss()(x.double(), t) + 1.5 * ref
+        (g_ref,) = torch.autograd.grad(ref_loss, x)
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-6)
+    assert graphs
+    for gm in graphs:
+        names = [str(getattr(n.target, '__name__', n.target)) for n in gm.graph.nodes if n.op != 'placeholder']
+        bad = [n for n in names if n == 'item' or any(f in n for f in FORBIDDEN_OPS)]
+        assert not bad, bad
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_compiled_half_precision_matches_eager(dtype):
+    torch._dynamo.reset()
+    lt = LossTransform(SoftTargetCrossEntropy(), 3, rho=1.0)
+    compiled = torch.compile(lt, backend='eager', fullgraph=True)
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(10, 7, generator=gen) * 8).to(dtype)
+    t = make_targets('soft', 10, 7, gen)
+    torch.testing.assert_close(compiled(x, t), lt(x, t))
+    assert compiled(x, t).dtype == torch.float32

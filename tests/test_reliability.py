@@ -45,8 +45,18 @@ def test_blow_up_on_the_last_step_of_an_epoch_saves_nothing_bad(tmp_path):
 @pytest.mark.parametrize('loss', [['--loss', 'ce'], ['--loss', 'losstransform', '--aug-repeats', '3']])
 def test_nan_loss_names_the_step_and_the_checkpoint(tmp_path, loss):
     data = make_image_folder(tmp_path / 'd')
-    p = train(data, tmp_path / 'out', '--lr', '1e30', '--epochs', '2', *loss, check=False)
+    p = train(data, tmp_path / 'out', '--lr', '1e30', '--epochs', '2', '--check-loss-every-step', *loss, check=False)
     assert_clean_failure(p, 'at epoch 0 step', 'not applied', 'start again')
+
+
+def test_nan_loss_without_per_step_sync_is_caught_at_the_log_interval(tmp_path):
+    """Default: the loss is summed on the device and read every --log-interval steps (no per-step host sync)."""
+    data = make_image_folder(tmp_path / 'd', classes=3, per_class=8)
+    p = train(data, tmp_path / 'out', '--lr', '1e30', '--epochs', '2', '-b', '6', '--log-interval', '2',
+              '--loss', 'losstransform', '--aug-repeats', '3', check=False, experiment='n')
+    assert_clean_failure(p, 'at epoch 0 between steps 0 and 1', '--log-interval 2', 'nothing of this epoch was saved',
+                         'start again')
+    assert not list((tmp_path / 'out' / 'n').glob('*.pth.tar'))
 
 
 # ---------------------------------------------------------------- one class map per run
