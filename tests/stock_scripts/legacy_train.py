@@ -21,6 +21,7 @@ from timm.data import create_dataset, create_loader, resolve_data_config, FastCo
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model
 from torch.nn.parallel import DistributedDataParallel as NativeDDP
+from timm.models import resume_checkpoint
 
 _logger = logging.getLogger('train')
 
@@ -47,6 +48,8 @@ parser.add_argument('--dist-backend', default=None, type=str)
 parser.add_argument('--workers', type=int, default=0)
 parser.add_argument('--no-prefetcher', action='store_true', default=False)
 parser.add_argument('--output', default='', type=str)
+parser.add_argument('--resume', default='', type=str)
+parser.add_argument('--start-epoch', default=None, type=int)
 
 
 def _parse_args():
@@ -118,16 +121,32 @@ def main():
         train_loss_fn = nn.CrossEntropyLoss()
     validate_loss_fn = nn.CrossEntropyLoss()
 
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    resume_epoch = None
+    if args.resume:
+        resume_epoch = resume_checkpoint(model, args.resume, optimizer=optimizer, log_info=False)
     if args.distributed:
         model = NativeDDP(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
 
-    batches = []
-    for epoch in range(args.epochs):
+    start_epoch = 0
+    if args.start_epoch is not None:  # a specified start_epoch overrides the resume epoch, as in timm
+        start_epoch = args.start_epoch
+    elif resume_epoch is not None:
+        start_epoch = resume_epoch
+    batches, batch_epochs = [], []
+    for epoch in range(start_epoch, args.epochs):
+        # timm <= 1.0.28: the sampler's epoch is set only in distributed mode, and only on loader.sampler
         if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
-        batches += train_one_epoch(
+        seen = train_one_epoch(
             epoch, model, loader_train, optimizer, train_loss_fn, args, device=device, mixup_fn=mixup_fn)
+        batches += seen
+        batch_epochs += [epoch] * len(seen)
+        if args.output and args.rank == 0:
+            os.makedirs(args.output, exist_ok=True)
+            state_dict = (model.module if args.distributed else model).state_dict()
+            torch.save(dict(epoch=epoch, version=2, state_dict=state_dict, optimizer=optimizer.state_dict()),
+                       os.path.join(args.output, f'checkpoint-{epoch}.pth.tar'))
     val_loss = validate(model, loader_eval, validate_loss_fn)
 
     crit = TRAINED_WITH['loss_fn']
@@ -139,6 +158,7 @@ def main():
         rho=getattr(crit, 'rho', None), num_repeats=getattr(crit, 'num_repeats', None),
         last_consistency=float(crit.last_consistency) if getattr(crit, 'last_consistency', None) is not None else None,
         validate_criterion=type(validate_loss_fn).__name__, val_loss=val_loss, batches=batches,
+        batch_epochs=batch_epochs, start_epoch=start_epoch,
     )
     if args.output:
         os.makedirs(args.output, exist_ok=True)

@@ -20,7 +20,7 @@ from timm import utils
 from timm.data import create_dataset, create_loader, resolve_data_config, FastCollateMixup, Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model
-from timm.task import ClassificationTask
+from timm.task import ClassificationTask, resume_task_checkpoint
 
 _logger = logging.getLogger('train')
 
@@ -48,6 +48,8 @@ parser.add_argument('--dist-backend', default=None, type=str)
 parser.add_argument('--workers', type=int, default=0)
 parser.add_argument('--no-prefetcher', action='store_true', default=False)
 parser.add_argument('--output', default='', type=str)
+parser.add_argument('--resume', default='', type=str)
+parser.add_argument('--start-epoch', default=None, type=int)
 
 
 def _parse_args():
@@ -127,15 +129,29 @@ def main():
     validate_loss_fn = nn.CrossEntropyLoss()
 
     task = ClassificationTask(model=model, criterion=train_loss_fn, device=device, verbose=False)
+    optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=args.lr)
+    resume_epoch = None
+    if args.resume:
+        resume_epoch = resume_task_checkpoint(task, args.resume, optimizer=optimizer, log_info=False)
     if args.distributed:
         task.prepare_distributed(device_ids=None)
     model = task.get_trainable_module()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
 
-    batches = []
-    for epoch in range(args.epochs):
+    start_epoch = 0
+    if args.start_epoch is not None:  # a specified start_epoch overrides the resume epoch, as in timm
+        start_epoch = args.start_epoch
+    elif resume_epoch is not None:
+        start_epoch = resume_epoch
+    batches, batch_epochs = [], []
+    for epoch in range(start_epoch, args.epochs):
         _set_loader_epoch(loader_train, epoch)
-        batches += train_one_epoch(epoch, model, loader_train, optimizer, args, task=task, mixup_fn=mixup_fn)
+        seen = train_one_epoch(epoch, model, loader_train, optimizer, args, task=task, mixup_fn=mixup_fn)
+        batches += seen
+        batch_epochs += [epoch] * len(seen)
+        if args.output and args.rank == 0:
+            os.makedirs(args.output, exist_ok=True)
+            torch.save(dict(epoch=epoch, version=2, optimizer=optimizer.state_dict(), **task.get_checkpoint_state()),
+                       os.path.join(args.output, f'checkpoint-{epoch}.pth.tar'))
     val_loss = validate(task.get_eval_model(), loader_eval, validate_loss_fn)
 
     crit = task.criterion
@@ -147,6 +163,7 @@ def main():
         rho=getattr(crit, 'rho', None), num_repeats=getattr(crit, 'num_repeats', None),
         last_consistency=float(crit.last_consistency) if getattr(crit, 'last_consistency', None) is not None else None,
         validate_criterion=type(validate_loss_fn).__name__, val_loss=val_loss, batches=batches,
+        batch_epochs=batch_epochs, start_epoch=start_epoch,
     )
     if args.output:
         os.makedirs(args.output, exist_ok=True)
