@@ -4,7 +4,9 @@
 Example (PennFudanPed, Table 4 recipe):
     python train_detection.py -c configs/detection/pennfudan_maskrcnn_resnet50_lt.yaml --data-dir /data/PennFudanPed
 
-All logic lives in lt_timm/detection/ (see docs/detection.md).
+Multi-process (DDP): torchrun --nproc_per_node N train_detection.py ... (gloo with --device cpu).
+User errors print one line "error: ..." with the fix and exit with code 2. All logic lives in lt_timm/detection/
+(see docs/detection.md).
 """
 import sys
 

@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -95,6 +96,7 @@ def main():
             cmd = [sys.executable, os.path.join(REPO, 'train_detection.py'), '-c', a.config, '--data-dir', a.data_dir,
                    '--loss', loss, '--seed', str(seed), '--output', a.output, '--experiment', exp, '--no-plot',
                    *a.extra]
+            shutil.rmtree(os.path.join(a.output, exp), ignore_errors=True)  # a rerun replaces its own run folder
             print('$ ' + ' '.join(cmd), flush=True)
             t0 = time.time()
             env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
@@ -105,7 +107,7 @@ def main():
             curve = read_summary(os.path.join(a.output, exp, 'summary.csv'))
             final = curve[-1]
             run = {'loss': loss, 'seed': seed, 'wall_s': round(time.time() - t0, 1),
-                   **{k: final.get(k) for k in METRICS}, 'train_consistency': final.get('train_consistency'),
+                   **{k: final.get(f'eval_{k}') for k in METRICS}, 'train_consistency': final.get('train_consistency'),
                    'curve': curve}
             runs.append(run)
             print(f'{exp}: ' + '  '.join(f'{k} {run[k]:.2f}' for k in METRICS), flush=True)

@@ -37,10 +37,11 @@ def plot_training_curves(summary_csv: str, out_png: str, title: Optional[str] = 
         if key in c:
             axes[0].plot(ep, c[key], marker='o', ms=3, label=label)
     axes[0].set_xlabel('epoch'); axes[0].set_ylabel('loss'); axes[0].legend(fontsize=8)
-    for key, label in (('eval_top1', 'top-1'), ('eval_ema_top1', 'EMA top-1')):
+    for key, label in (('eval_top1', 'top-1'), ('eval_ema_top1', 'EMA top-1'), ('eval_box_AP', 'box AP'),
+                       ('eval_mask_AP', 'mask AP')):
         if key in c:
             axes[1].plot(ep, c[key], marker='o', ms=3, label=label)
-    axes[1].set_xlabel('epoch'); axes[1].set_ylabel('eval accuracy (%)'); axes[1].legend(fontsize=8)
+    axes[1].set_xlabel('epoch'); axes[1].set_ylabel('eval accuracy / AP (%)'); axes[1].legend(fontsize=8)
     if 'lr' in c:
         axes[2].plot(ep, c['lr'], marker='o', ms=3)
     axes[2].set_xlabel('epoch'); axes[2].set_ylabel('learning rate')

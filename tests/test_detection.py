@@ -24,6 +24,15 @@ from lt_timm.layout import replica_groups
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~10x faster than OpenMP threads competing on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------ transforms
 def test_forward_boxes_hand_computed():
     b = torch.tensor([[10., 20., 30., 50.]])
@@ -460,42 +469,134 @@ def test_coco_dataset_and_eval(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- entry point
+_TINY_CFG = ('model: maskrcnn\nbackbone: mobilenetv3_small_050\nfpn_channels: 32\nmask_head_channels: 16\n'
+             'box_head_dim: 64\nloss: losstransform\naug_repeats: 2\n'
+             'batch_size: 4\nimg_size: 64\nlr_steps: [1]\nwarmup_iters: 1\nval_size: 2\n'
+             'rpn_pre_nms: 50\nrpn_post_nms: 50\nbox_batch_per_image: 32\nlog_interval: 1\nthreads: 1\n')
+
+
 def test_train_entry_point_end_to_end(tmp_path):
-    """Two tiny epochs on a generated PennFudan folder, config YAML, csv/checkpoint/plot, then resume."""
+    """One tiny epoch (config YAML, logging, summary.csv via timm, curves, atomic checkpoint), then --resume
+    continues the same folder; a new run with the same name never overwrites it."""
     root = str(tmp_path / 'PennFudanPed')
     _write_pennfudan(root, 5)
     cfg = tmp_path / 'cfg.yaml'
-    cfg.write_text('model: maskrcnn\nbackbone: mobilenetv3_small_050\nfpn_channels: 32\nmask_head_channels: 16\n'
-                   'box_head_dim: 64\nloss: losstransform\naug_repeats: 2\n'
-                   'batch_size: 4\nimg_size: 64\nlr_steps: [1]\nwarmup_iters: 1\nval_size: 2\n'
-                   'rpn_pre_nms: 50\nrpn_post_nms: 50\nbox_batch_per_image: 32\nlog_interval: 1\n')
+    cfg.write_text(_TINY_CFG + 'lt_epoch: full\n')  # 3 training images: v1 would have 3 rows, less than -b 4
     out = tmp_path / 'out'
     cmd = [sys.executable, os.path.join(REPO, 'train_detection.py'), '-c', str(cfg), '--data-dir', root,
-           '--epochs', '1', '--output', str(out), '--experiment', 'run', '--threads', '1']
+           '--output', str(out), '--experiment', 'run']
     env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert 'Train: 0 [' in r.stdout and 'Eval:' in r.stdout
+    r = subprocess.run(cmd + ['--epochs', '1'], capture_output=True, text=True, env=env, timeout=300)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert 'Train: 0 [' in log and 'Eval:' in log and 'mode full, 1 batches/epoch' in log
     run = out / 'run'
     rows = list(csv.DictReader(open(run / 'summary.csv')))
-    assert [row['epoch'] for row in rows] == ['0'] and 'box_AP' in rows[0] and 'train_loss_consistency' in rows[0]
+    assert [row['epoch'] for row in rows] == ['0']
+    assert {'eval_box_AP', 'eval_mask_AP', 'train_loss', 'train_loss_base', 'train_loss_consistency',
+            'train_consistency', 'lr'} <= set(rows[0])
     assert (run / 'curves.png').stat().st_size > 0 and (run / 'last.pth.tar').exists()
-    assert not (run / 'last.pth.tar.tmp').exists()
-    r = subprocess.run(cmd[:-6] + ['--epochs', '2', '--output', str(out), '--experiment', 'run', '--threads', '1',
-                                   '--resume', str(run / 'last.pth.tar')],
+    assert sorted(os.listdir(run)) == ['args.yaml', 'curves.png', 'last.pth.tar', 'summary.csv']  # no tmp, no lock
+    ck = torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert ck['epoch'] == 0 and {'state_dict', 'optimizer', 'args'} <= set(ck)
+    # resume: the run folder is taken from the checkpoint, epoch 1 continues the schedule
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'train_detection.py'), '-c', str(cfg), '--data-dir', root,
+                        '--epochs', '2', '--resume', str(run / 'last.pth.tar')],
                        capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert 'continuing at epoch 1' in r.stdout
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert 'continuing at epoch 1' in log
     rows = list(csv.DictReader(open(run / 'summary.csv')))
     assert [row['epoch'] for row in rows] == ['0', '1']
     assert float(rows[1]['lr']) == pytest.approx(0.002)  # lr-steps [1], gamma 0.1, base 0.02
+    assert torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=False)['epoch'] == 1
+    # the same --experiment again without --resume: a new folder, the first run untouched
+    r = subprocess.run(cmd + ['--epochs', '0'], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (out / 'run-1' / 'args.yaml').exists() and len(list(csv.DictReader(open(run / 'summary.csv')))) == 2
 
 
-def test_train_entry_point_missing_data(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(REPO, 'train_detection.py'), '--data-dir',
-                        str(tmp_path / 'no_such_dir'), '--output', str(tmp_path)],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
-    assert r.returncode != 0 and 'no_such_dir' in r.stderr
+def test_train_torchrun_two_processes_gloo(tmp_path):
+    """DDP under torchrun (gloo, CPU): each rank trains its share of the images, rank 0 evaluates and writes."""
+    root = str(tmp_path / 'PennFudanPed')
+    _write_pennfudan(root, 6)
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text(_TINY_CFG + 'lt_epoch: full\n')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        os.path.join(REPO, 'train_detection.py'), '-c', str(cfg), '--data-dir', root, '--epochs', '1',
+                        '--device', 'cpu', '--output', str(tmp_path / 'out'), '--experiment', 'ddp'],
+                       cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert 'process 1/2' in log and 'per rank x 2 ranks' in log and 'Eval:' in log
+    rows = list(csv.DictReader(open(tmp_path / 'out' / 'ddp' / 'summary.csv')))
+    assert len(rows) == 1 and float(rows[0]['train_loss_consistency']) >= 0
+    assert sorted(os.listdir(tmp_path / 'out')) == ['ddp']
+
+
+def _main_exit(argv, capsys):
+    from lt_timm.detection.train import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_train_user_errors(tmp_path, capsys):
+    """Clear errors, exit 2, nothing written: missing data, too few images for a batch (the former unbound-lr
+    crash), missing / corrupt --resume checkpoint, no validation image."""
+    out = tmp_path / 'out'
+    err = _main_exit(['--data-dir', str(tmp_path / 'no_such_dir'), '--output', str(out)], capsys)
+    assert 'no_such_dir' in err and '--data-dir' in err
+    root = str(tmp_path / 'PennFudanPed')
+    _write_pennfudan(root, 5)
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text(_TINY_CFG)
+    base = ['-c', str(cfg), '--data-dir', root, '--output', str(out), '--epochs', '1']
+    err = _main_exit(base, capsys)  # 3 training images, v1: 3 rows per epoch < -b 4
+    assert 'too few for one batch' in err and '-b/--batch-size' in err
+    err = _main_exit(base + ['--lt-epoch', 'full', '--resume', str(tmp_path / 'nope.pth.tar')], capsys)
+    assert 'nope.pth.tar not found' in err
+    bad = tmp_path / 'bad.pth.tar'
+    bad.write_bytes(b'not a checkpoint')
+    err = _main_exit(base + ['--lt-epoch', 'full', '--resume', str(bad)], capsys)
+    assert 'bad.pth.tar' in err and 'not a readable PyTorch file' in err
+    err = _main_exit(base + ['--val-size', '0'], capsys)
+    assert 'no validation images' in err
+    err = _main_exit(base + ['--val-size', '7'], capsys)
+    assert '--val-size 7' in err
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_block_batches_v1_and_full(tmp_path):
+    """-b rows per batch in the layout of lt_timm.layout (short blocks too); v1 = N rows per epoch, full = m N."""
+    from types import SimpleNamespace
+    from lt_timm.detection.data import BlockBatchSampler
+    from lt_timm.detection.train import build_sampler
+    from lt_timm.errors import UserError
+    root = str(tmp_path / 'PennFudanPed')
+    _write_pennfudan(root, 6)
+    args = SimpleNamespace(batch_size=4, aug_repeats=2, lt_epoch='v1', seed=0)
+    assert len(build_sampler(args, 6)) == 1  # 6 rows -> 1 batch of 4 rows (2 images x 2)
+    args.lt_epoch = 'full'
+    assert len(build_sampler(args, 6)) == 3  # 12 rows -> 3 batches
+    args.batch_size, args.aug_repeats = 8, 3  # blocks [3, 2, 3]: the short block in the middle
+    bs = BlockBatchSampler(build_sampler(args, 6))
+    batches = list(bs)
+    assert len(batches) == 2 and [[c for _, c in b] for b in batches] == [[3, 2, 3]] * 2
+    ds = ReplicaDataset(PennFudanDataset(root), 3, ReplicaAugment(), seed=0)
+    images, targets, params = replica_collate([ds[item] for item in batches[0]])
+    assert len(images) == 8 and replica_groups(8, 3).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert params[0] != params[1]  # replicas independently augmented
+    # DDP ranks get disjoint images, same number of batches
+    args.batch_size, args.aug_repeats, args.lt_epoch = 2, 2, 'full'
+    r0, r1 = build_sampler(args, 6, 2, 0), build_sampler(args, 6, 2, 1)
+    seen0 = {i for b in r0 for i in b}
+    seen1 = {i for b in r1 for i in b}
+    assert len(r0) == len(r1) == 3 and not seen0 & seen1
+    args.batch_size = 4
+    with pytest.raises(UserError, match='too few'):
+        build_sampler(args, 1)
 
 
 def test_detection_configs_parse():

@@ -40,23 +40,27 @@ import torch.nn.functional as F
 
 from ..layout import replica_groups
 from ..loss import grouped_kl, log_distribution
-from .align import compact_groups, gt_instance_groups
-from .transforms import ReplicaParams, identity_params, invert_boxes
+from .transforms import ReplicaParams, identity_params
 
 __all__ = ['InstanceLossTransform', 'sanitize_targets']
 
 
 def sanitize_targets(targets: List[Dict[str, torch.Tensor]], min_size: float = 1e-3) -> List[Dict[str, torch.Tensor]]:
-    """Drop degenerate boxes (width or height < ``min_size``) and non-finite boxes, with their masks/labels."""
-    out = []
+    """Drop degenerate boxes (width or height < ``min_size``) and non-finite boxes, with their masks/labels.
+
+    One host synchronisation per batch (is every box fine?); targets are only rebuilt when some box is not."""
+    oks = []
     for t in targets:
         b = t['boxes']
-        n = b.shape[0]
-        if n == 0:
-            out.append(t)
-            continue
-        ok = torch.isfinite(b).all(dim=1) & ((b[:, 2] - b[:, 0]) >= min_size) & ((b[:, 3] - b[:, 1]) >= min_size)
-        if bool(ok.all()):
+        oks.append(torch.isfinite(b).all(dim=1) & ((b[:, 2] - b[:, 0]) >= min_size)
+                   & ((b[:, 3] - b[:, 1]) >= min_size) if b.shape[0] else None)
+    present = [ok for ok in oks if ok is not None]
+    if not present or bool(torch.cat([ok.to(present[0].device) for ok in present]).all()):
+        return list(targets)
+    out = []
+    for t, ok in zip(targets, oks):
+        n = t['boxes'].shape[0]
+        if ok is None:
             out.append(t)
             continue
         out.append({k: (v[ok] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n and k != 'image_id'
@@ -64,17 +68,9 @@ def sanitize_targets(targets: List[Dict[str, torch.Tensor]], min_size: float = 1
     return out
 
 
-def _mean_over_groups(per_row: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    counts = torch.bincount(groups, minlength=num_groups).to(per_row.dtype).clamp_min(1)
-    return per_row.new_zeros((num_groups,) + per_row.shape[1:]).index_add(0, groups, per_row) / counts.view(
-        -1, *([1] * (per_row.dim() - 1)))
-
-
-def _multi(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Bool per row: its group holds at least two rows."""
-    if groups.numel() == 0:
-        return torch.zeros((0,), dtype=torch.bool, device=groups.device)
-    return torch.bincount(groups, minlength=num_groups)[groups] >= 2
+def _first_member(member: torch.Tensor) -> torch.Tensor:
+    """``(n, n)`` bool membership -> for each row, the index of the first column that is True (0 if none)."""
+    return member.to(torch.uint8).argmax(dim=1)
 
 
 class InstanceLossTransform(nn.Module):
@@ -108,7 +104,7 @@ class InstanceLossTransform(nn.Module):
         self.min_visible = float(min_visible)
         self.box_beta = float(box_beta)
         self.detach_consensus = detach_consensus
-        self.last_parts: Dict[str, float] = {}
+        self.last_parts_tensors: Dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return (f'num_repeats={self.num_repeats}, rho={self.rho}, box_weight={self.box_weight}, '
@@ -147,81 +143,105 @@ class InstanceLossTransform(nn.Module):
         return losses
 
     # -------------------------------------------------------------------------------------- consistency
+    @property
+    def last_parts(self) -> Dict[str, float]:
+        """The detached class/box/mask terms and the number of groups of the last call, as Python numbers (one host
+        synchronisation, on access only). :attr:`last_parts_tensors` has them as 0-d tensors on the device."""
+        t = self.last_parts_tensors
+        if not t:
+            return {'cls': 0.0, 'box': 0.0, 'mask': 0.0, 'groups': 0}
+        vals = torch.stack([t['cls'].float(), t['box'].float(), t['mask'].float(), t['groups'].float()]).tolist()
+        return {'cls': vals[0], 'box': vals[1], 'mask': vals[2], 'groups': int(vals[3])}
+
     def consistency(self, features, image_sizes, original_sizes, targets, replica_params) -> torch.Tensor:
-        """The unweighted consistency term (class + box_weight*box + mask_weight*mask)."""
+        """The unweighted consistency term (class + box_weight*box + mask_weight*mask).
+
+        Vectorised over all GT rows of the batch: the (image, instance) groups come from an ``(n, n)`` comparison
+        of row keys on the device (each group is named by its first row; rows left out of a term form groups of
+        their own and get weight 0), the RoI heads run once on every GT box, and the replica geometry is one small
+        table copied to the device once. No Python loop over rows or instances and no host synchronisation.
+        """
         heads = self.model.roi_heads
         b = len(targets)
-        device = next(iter(features.values())).device
+        first = next(iter(features.values()))
+        device = first.device
         zero = sum(f.sum() for f in features.values()) * 0.0  # keeps the graph connected, exactly 0
-        img_idx = replica_groups(b, self.num_repeats).tolist()
-        ids = [t.get('instance_ids', torch.arange(t['boxes'].shape[0], device=device)) for t in targets]
-        vis = [t.get('visible', torch.ones(t['boxes'].shape[0], device=device)) for t in targets]
-        keep, groups, g = gt_instance_groups(img_idx, [i.cpu() for i in ids], [v.cpu() for v in vis],
-                                             self.min_visible)
-        parts = {'cls': 0.0, 'box': 0.0, 'mask': 0.0, 'groups': 0}
-        self.last_parts = parts
-        if g == 0:
+        counts = [int(t['boxes'].shape[0]) for t in targets]
+        n = sum(counts)
+        nothing = first.new_zeros((), dtype=torch.float32)
+        self.last_parts_tensors = {'cls': nothing, 'box': nothing, 'mask': nothing,
+                                   'groups': torch.zeros((), dtype=torch.long, device=device)}
+        if n == 0:
             return zero
-        rows = torch.cat([torch.full((t['boxes'].shape[0],), r, dtype=torch.long) for r, t in enumerate(targets)])
-        all_boxes = torch.cat([t['boxes'] for t in targets]).float()
-        all_labels = torch.cat([t['labels'] for t in targets]).long()
-        all_vis = torch.cat([v.float().cpu() for v in vis])
-        multi = torch.zeros_like(keep)
-        multi[keep] = _multi(groups, g)
-        if not bool(multi.any()):
-            return zero
-        groups, g = compact_groups(torch.zeros(keep.shape[0], dtype=torch.long).masked_scatter(keep, groups)[multi])
-        rows, boxes, labels, full = rows[multi], all_boxes[multi.to(device)], all_labels[multi.to(device)], \
-            all_vis[multi] >= 1.0 - 1e-6
-        groups_d = groups.to(device)
-        rois = [boxes[rows.to(device) == r] for r in range(b)]  # rows are sorted by replica
-        x = heads.box_roi_pool(features, rois, image_sizes)
-        x = heads.box_head(x)
-        class_logits, box_regression = heads.box_predictor(x)
-        kl = grouped_kl(log_distribution(class_logits, 'softmax'), groups_d, self.detach_consensus, num_groups=g)
-        cls_term = kl.mean()
-        total = cls_term
-        parts.update(cls=float(cls_term.detach()), groups=g)
+        rep = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(counts, device=device),
+                                      output_size=n)  # replica of each row
+        ids = torch.cat([t['instance_ids'].to(device).long().reshape(-1) if 'instance_ids' in t
+                         else torch.arange(c, device=device) for t, c in zip(targets, counts)])
+        vis = torch.cat([t['visible'].to(device).reshape(-1) if 'visible' in t
+                         else torch.ones(c, device=device) for t, c in zip(targets, counts)])
+        keep = vis >= self.min_visible
+        full = vis.float() >= 1.0 - 1e-6
+        key = replica_groups(b, self.num_repeats, device=device)[rep] * (1 << 20) + ids
+        same = key.view(-1, 1) == key.view(1, -1)
+        arange = torch.arange(n, device=device)
 
-        # rows fully visible, in groups that still hold >= 2 of them
-        fgroups, fg = compact_groups(groups[full])
-        fsel = full.clone()
-        fsel[full] = _multi(fgroups, fg)
-        if not bool(fsel.any()):
-            return total + zero
-        fgroups, fg = compact_groups(groups[fsel])
-        fgroups_d = fgroups.to(device)
-        fd = fsel.to(device)
-        k = int(fsel.sum())
+        # class term: rows visible enough, in groups of >= 2 of them
+        member = same & keep.view(1, -1) & keep.view(-1, 1)
+        multi = keep & (member.sum(dim=1) >= 2)
+        gid = torch.where(keep, _first_member(member), arange)
+        boxes = [t['boxes'].float() for t in targets]
+        all_boxes = torch.cat(boxes)
+        labels = torch.cat([t['labels'] for t in targets]).to(device).long()
+        x = heads.box_head(heads.box_roi_pool(features, boxes, image_sizes))
+        class_logits, box_regression = heads.box_predictor(x)
+        kl = grouped_kl(log_distribution(class_logits, 'softmax'), gid, self.detach_consensus, num_groups=n)
+        n_multi = multi.sum()
+        cls_term = torch.where(multi, kl, kl.new_zeros(())).sum() / n_multi.clamp_min(1)
+        total = cls_term
+        parts = self.last_parts_tensors
+        parts.update(cls=cls_term.detach(), groups=(multi & (gid == arange)).sum())
+
+        # box and mask terms: fully visible rows of those groups, in groups that still hold >= 2 of them
+        fm = multi & full
+        fmember = same & fm.view(1, -1) & fm.view(-1, 1)
+        fcount = fmember.sum(dim=1)
+        fsel = fm & (fcount >= 2)
+        fgid = torch.where(fsel, _first_member(fmember), arange)
+        n_full = fsel.sum().clamp_min(1)
+        geo = self._geometry(image_sizes, original_sizes, replica_params, device)[rep]
         if self.box_weight > 0:
-            pred = heads.box_coder.decode(box_regression[fd], [boxes[fd]]).reshape(k, -1, 4)
-            pred = pred[torch.arange(k, device=device), labels[fd]]
-            src = []
-            for i, r in enumerate(rows[fsel].tolist()):
-                (h0, w0), (h1, w1) = original_sizes[r], image_sizes[r]
-                p = replica_params[r]
-                bx = pred[i:i + 1] / pred.new_tensor([w1 / w0, h1 / h0, w1 / w0, h1 / h0])
-                bx = invert_boxes(bx, p)
-                sh, sw = p.src_size
-                src.append(bx / bx.new_tensor([sw, sh, sw, sh]))
-            src = torch.cat(src)
-            mean = _mean_over_groups(src, fgroups_d, fg)
+            pred = heads.box_coder.decode(box_regression, [all_boxes]).reshape(n, -1, 4)[arange, labels].float()
+            bx = (pred / geo[:, 0:4] - geo[:, 4:8]) / geo[:, 8:12]  # model input -> replica -> un-flipped source
+            src_w = geo[:, 12:13]
+            unflipped = torch.cat([src_w - bx[:, 2:3], bx[:, 1:2], src_w - bx[:, 0:1], bx[:, 3:4]], dim=1)
+            bx = torch.where(geo[:, 16:17] > 0, unflipped, bx)
+            src = torch.where(fsel.view(-1, 1), bx / geo[:, 12:16], bx.new_zeros(()))  # normalised source frame
+            mean = src.new_zeros((n, 4)).index_add(0, fgid, src) / torch.bincount(
+                fgid, minlength=n).to(src.dtype).clamp_min(1).view(-1, 1)
             if self.detach_consensus:
                 mean = mean.detach()
-            box_term = F.smooth_l1_loss(src, mean[fgroups_d], beta=self.box_beta, reduction='none')
-            box_term = box_term.sum(dim=1).mean()
+            per_row = F.smooth_l1_loss(src, mean[fgid], beta=self.box_beta, reduction='none').sum(dim=1)
+            box_term = torch.where(fsel, per_row, per_row.new_zeros(())).sum() / n_full
             total = total + self.box_weight * box_term
-            parts['box'] = float(box_term.detach())
+            parts['box'] = box_term.detach()
         if self.mask_weight > 0 and getattr(heads, 'mask_roi_pool', None) is not None:
-            mrois = [boxes[fd & (rows.to(device) == r)] for r in range(b)]
-            mx = heads.mask_head(heads.mask_roi_pool(features, mrois, image_sizes))
-            mlogits = heads.mask_predictor(mx)
-            mlogits = mlogits[torch.arange(k, device=device), labels[fd]]  # (k, S, S)
-            flips = torch.tensor([bool(replica_params[r].flip) for r in rows[fsel].tolist()], device=device)
-            mlogits = torch.where(flips.view(-1, 1, 1), mlogits.flip(-1), mlogits)
-            mkl = grouped_kl(log_distribution(mlogits, 'bernoulli'), fgroups_d, self.detach_consensus,
-                             num_groups=fg)
-            mask_term = mkl.mean() / float(mlogits.shape[-1] * mlogits.shape[-2])
+            mx = heads.mask_head(heads.mask_roi_pool(features, boxes, image_sizes))
+            mlogits = heads.mask_predictor(mx)[arange, labels]  # (n, S, S)
+            mlogits = torch.where(geo[:, 16].view(-1, 1, 1) > 0, mlogits.flip(-1), mlogits)
+            mkl = grouped_kl(log_distribution(mlogits, 'bernoulli'), fgid, self.detach_consensus, num_groups=n)
+            mask_term = torch.where(fsel, mkl, mkl.new_zeros(())).sum() / n_full / float(
+                mlogits.shape[-1] * mlogits.shape[-2])
             total = total + self.mask_weight * mask_term
-            parts['mask'] = float(mask_term.detach())
+            parts['mask'] = mask_term.detach()
         return total + zero
+
+    @staticmethod
+    def _geometry(image_sizes, original_sizes, replica_params, device) -> torch.Tensor:
+        """``(B, 17)`` float32 per replica: model-input/replica scale (4), translation (4), augmentation scale (4),
+        source ``(W, H, W, H)`` (4), flip (1). Built on the host from Python numbers, copied once."""
+        rows = []
+        for (h0, w0), (h1, w1), p in zip(original_sizes, image_sizes, replica_params):
+            sh, sw = p.src_size
+            rows.append([w1 / w0, h1 / h0, w1 / w0, h1 / h0, p.tx, p.ty, p.tx, p.ty, p.sx, p.sy, p.sx, p.sy,
+                         sw, sh, sw, sh, float(bool(p.flip))])
+        return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)

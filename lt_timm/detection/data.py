@@ -20,7 +20,8 @@ from torchvision.transforms.v2 import functional as F
 
 from .transforms import identity_params
 
-__all__ = ['PennFudanDataset', 'CocoDetectionDataset', 'ReplicaDataset', 'replica_collate', 'eval_collate',
+__all__ = ['PennFudanDataset', 'CocoDetectionDataset', 'ReplicaDataset', 'BlockBatchSampler', 'replica_collate',
+           'eval_collate',
            'split_indices', 'masks_to_boxes_safe', 'resize_sample']
 
 
@@ -208,13 +209,16 @@ class ReplicaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        """``i``: an index (``num_repeats`` replicas) or ``(index, count)`` (``count`` replicas: the block sizes of
+        :class:`lt_timm.sampler.RepeatedAugBatchSampler`, see :class:`BlockBatchSampler`)."""
+        i, count = (int(i[0]), int(i[1])) if isinstance(i, (tuple, list)) else (int(i), self.num_repeats)
         img, target = self.base[self.indices[i]]
         n = target['boxes'].shape[0]
         target['instance_ids'] = torch.arange(n)
         g = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch * 10007 + i) % (2 ** 62))
         out = []
-        for _ in range(self.num_repeats):
+        for _ in range(count):
             if self.augment is None:
                 t = dict(target)
                 t['visible'] = torch.ones(n)
@@ -228,16 +232,36 @@ def replica_collate(batch: List[List[tuple]]):
     """Flatten ``[[replicas of image 0], [replicas of image 1], ...]`` -> ``(images, targets, params)`` lists
     with the replicas of each image consecutive (the :mod:`lt_timm.layout` block layout)."""
     images, targets, params = [], [], []
-    m = len(batch[0]) if batch else 1
-    for item in batch:
-        if len(item) != m:
-            raise ValueError('all items of a batch must have the same number of replicas.')
+    for item in batch:  # items may hold different numbers of replicas (the layout's short blocks)
         for img, t, p in item:
             images.append(img)
             targets.append(t)
             params.append(p)
     # Item-major order: the rows are laid out as lt_timm.layout.replica_groups(len(images), m) describes.
     return images, targets, params
+
+
+class BlockBatchSampler(torch.utils.data.Sampler):
+    """Turn the row batches of :class:`lt_timm.sampler.RepeatedAugBatchSampler` (an image index repeated once per
+    replica, in the blocks of :func:`lt_timm.layout.block_sizes`) into ``(index, replicas)`` items for
+    :class:`ReplicaDataset`: the loader then decodes each image once and augments it ``replicas`` times."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            items, start = [], 0
+            for size in self.sampler.blocks:
+                items.append((batch[start], size))
+                start += size
+            yield items
 
 
 def eval_collate(batch):
@@ -247,6 +271,7 @@ def eval_collate(batch):
 def split_indices(n: int, val_size: int, seed: int = 0) -> Tuple[List[int], List[int]]:
     """Seeded permutation of ``range(n)``; the last ``val_size`` are validation."""
     if not 0 <= val_size < n:
-        raise ValueError(f'val_size must be in [0, {n}), got {val_size}.')
+        raise ValueError(f'--val-size {val_size} must be between 0 and {n - 1}: the dataset has {n} images and the '
+                         f'rest is the training set; lower --val-size.')
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return perm[:n - val_size], perm[n - val_size:]

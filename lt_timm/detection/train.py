@@ -1,25 +1,33 @@
 """Training loop behind ``train_detection.py``: torchvision Mask/Faster R-CNN with l_multi or T(l_multi).
 
-Arguments follow timm's ``train.py`` conventions: a ``-c/--config`` YAML whose keys are argument dest names
-(loaded with ``parser.set_defaults``, so the command line still wins), dashed flags, ``--output`` +
-``--experiment`` for the run folder. Per run folder: ``args.yaml``, ``summary.csv`` (one row per epoch),
-``last.pth.tar`` (written atomically: tmp file + ``os.replace``), ``results.json`` and ``curves.png``.
+Same conventions as the classification ``train.py`` (:mod:`lt_timm.training`): a ``-c/--config`` YAML whose keys
+are argument dest names (the command line still wins), dashed flags, ``logging`` (timm's default setup), user
+errors as :class:`lt_timm.errors.UserError` (``error: ...`` with the fix, exit code 2, nothing written or lost),
+run folders claimed with :func:`lt_timm.run_dir.claim_run_dir` (never overwritten; ``--resume`` continues in the
+checkpoint's folder), ``summary.csv`` via timm's ``update_summary`` (one row per epoch), ``curves.png`` via
+:func:`lt_timm.plots.plot_training_curves`, ``last.pth.tar`` written atomically (tmp file + ``os.replace``) and
+only from finite weights, batches from :class:`lt_timm.sampler.RepeatedAugBatchSampler` (``--lt-epoch v1|full``,
+single process or DDP under ``torchrun``).
 """
 import argparse
-import csv
-import json
+import logging
 import os
-import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
 import yaml
 
+from ..errors import UserError, exit_on_user_error
+from ..run_dir import claim_run_dir, truncate_summary
+
 __all__ = ['build_parser', 'parse_args', 'main', 'train']
+
+_logger = logging.getLogger('train_detection')
 
 LOSSES = ('multi', 'losstransform')
 DATASETS = ('pennfudan', 'coco')
+DET_EPOCH_MODES = ('v1', 'full')
 
 
 def build_parser():
@@ -60,6 +68,9 @@ def build_parser():
     g.add_argument('--lt-mask-weight', type=float, default=1.0, help='weight of the mask term in the consistency')
     g.add_argument('--lt-min-visible', type=float, default=0.5, help='min visible fraction for an instance replica')
     g.add_argument('--lt-detach', action='store_true', default=False, help='stop gradient through the consensus')
+    g.add_argument('--lt-epoch', default='v1', choices=DET_EPOCH_MODES,
+                   help='v1: an epoch holds as many rows as the training set has images (N/m images, m replicas '
+                        'each: the cost of a plain epoch); full: every image m times per epoch (m x the cost)')
     g = p.add_argument_group('Augmentation parameters')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--scale', type=float, nargs=2, default=[0.8, 1.2], metavar=('MIN', 'MAX'), help='scale range')
@@ -80,7 +91,8 @@ def build_parser():
     g.add_argument('--seed', type=int, default=42)
     g.add_argument('--output', default='output/detection', help='output root')
     g.add_argument('--experiment', default='', help='run folder name under --output (default: generated)')
-    g.add_argument('--resume', default='', help='checkpoint to resume from (e.g. <run>/last.pth.tar)')
+    g.add_argument('--resume', default='', help='continue a run from its <run>/last.pth.tar (model, optimizer, '
+                                                'epoch; the run keeps writing to <run>)')
     g.add_argument('-j', '--workers', type=int, default=0)
     g.add_argument('--log-interval', type=int, default=10)
     g.add_argument('--eval-interval', type=int, default=1, help='evaluate every N epochs (and at the end)')
@@ -119,7 +131,9 @@ def parse_args(argv: Optional[List[str]] = None):
 def build_datasets(args):
     from .data import CocoDetectionDataset, PennFudanDataset, split_indices
     if not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f'dataset directory not found: {args.data_dir}')
+        raise UserError(f'dataset directory not found: {args.data_dir}; pass the dataset root with --data-dir '
+                        f'(PennFudanPed: the folder holding PNGImages/ and PedMasks/; COCO: the folder holding '
+                        f'{args.train_split}/, {args.val_split}/ and annotations/).')
     if args.dataset == 'pennfudan':
         base = PennFudanDataset(args.data_dir, img_size=args.img_size)
         tr, va = split_indices(len(base), args.val_size, args.split_seed)
@@ -136,6 +150,9 @@ def build_datasets(args):
         tr = tr[:args.train_size]
     if args.max_val:
         va = va[:args.max_val]
+    if not va:
+        raise UserError(f'no validation images (--val-size {args.val_size}, --max-val {args.max_val}); every run '
+                        f'is evaluated: set --val-size (PennFudanPed) or --max-val to at least 1.')
     return train_base, tr, val_base, va
 
 
@@ -151,7 +168,18 @@ class _Subset(torch.utils.data.Dataset):
         return self.base[self.idx[i]]
 
 
+def build_sampler(args, num_images: int, world_size: int = 1, rank: int = 0):
+    """The grouped repeated-augmentation batch sampler of the classification loader (``-b`` rows per batch)."""
+    from ..sampler import RepeatedAugBatchSampler
+    try:
+        return RepeatedAugBatchSampler(num_images, args.batch_size, args.aug_repeats, num_replicas=world_size,
+                                       rank=rank, shuffle=True, epoch_mode=args.lt_epoch, seed=args.seed)
+    except ValueError as e:
+        raise UserError(f'{e} (or --lt-epoch full: each image m times per epoch)') from e
+
+
 def lr_at(args, epoch: int, it: int, iters_per_epoch: int) -> float:
+    """Step schedule with linear warmup: a pure function of (epoch, step), so ``--resume`` continues it exactly."""
     lr = args.lr * args.lr_gamma ** sum(1 for s in (args.lr_steps or []) if epoch >= s)
     step = epoch * iters_per_epoch + it
     if args.warmup_iters and step < args.warmup_iters:
@@ -160,66 +188,98 @@ def lr_at(args, epoch: int, it: int, iters_per_epoch: int) -> float:
     return lr
 
 
-def _save_atomic(obj, path: str) -> None:
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
+# ------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer, epoch: int, args, metric=None) -> None:
+    """timm's checkpoint layout (``state_dict``, ``optimizer``, ``epoch``, ``args``, ``version`` 2), written to a
+    tmp file and moved over ``path`` with ``os.replace``: ``path`` is always a complete checkpoint."""
+    state = {'epoch': epoch, 'arch': type(model).__name__, 'state_dict': model.state_dict(),
+             'optimizer': optimizer.state_dict(), 'args': args, 'version': 2, 'metric': metric}
+    tmp = f'{path}.{os.getpid()}.tmp'
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _write_summary(path: str, rows: List[Dict]) -> None:
-    keys = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer, args) -> int:
+    """Restore model and optimizer from ``path``; returns the epoch to continue at. Problems are UserErrors."""
+    from ..modeling import checkpoint_problem
+    if not os.path.isfile(path):
+        raise UserError(f'--resume checkpoint {path} not found; pass the last.pth.tar of the run to continue.')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ck = torch.load(path, map_location='cpu', weights_only=True)
+        saved = ck.get('args')
+        if isinstance(saved, argparse.Namespace) and getattr(saved, 'lr', args.lr) != args.lr:
+            raise UserError(f'--lr {args.lr} differs from the resumed run\'s lr {saved.lr}: a resumed run continues '
+                            f'its own schedule; drop --lr (or pass --lr {saved.lr}).')
+        model.load_state_dict(ck['state_dict'])
+        optimizer.load_state_dict(ck['optimizer'])
+        return int(ck['epoch']) + 1
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(checkpoint_problem(path, e, f'--model {args.model} --backbone {args.backbone} of this '
+                                                    f'dataset')) from e
 
 
-def plot_curves(rows: List[Dict], path: str, title: str = '') -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    ep = [r['epoch'] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for k in ('train_loss', 'train_consistency'):
-        if any(k in r for r in rows):
-            ax[0].plot(ep, [r.get(k, float('nan')) for r in rows], marker='o', label=k)
-    ax[0].set_xlabel('epoch')
-    ax[0].set_title('training loss')
-    ax[0].legend()
-    for k in ('box_AP', 'box_AP50', 'mask_AP', 'mask_AP50'):
-        if any(k in r for r in rows):
-            ax[1].plot(ep, [r.get(k, float('nan')) for r in rows], marker='o', label=k)
-    ax[1].set_xlabel('epoch')
-    ax[1].set_title('validation AP (%)')
-    ax[1].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _diverged(what: str, epoch: int, out_dir: Optional[str]) -> UserError:
+    last = os.path.join(out_dir, 'last.pth.tar') if out_dir else None
+    resume = (f'then --resume {last} (end of epoch {epoch - 1})' if last and os.path.exists(last)
+              else 'then start again (no checkpoint was saved yet)')
+    return UserError(f'{what} at epoch {epoch}: training diverged and nothing of this epoch was saved; lower --lr '
+                     f'or --clip-grad, {resume}.')
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def _init_distributed(args):
+    """torchrun (``WORLD_SIZE`` > 1): one process per device, gloo on CPU / nccl on CUDA. Returns (world, rank)."""
+    import torch.distributed as dist
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1:
+        return 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if str(args.device).startswith('cuda') else 'gloo')
+    rank = dist.get_rank()
+    if str(args.device).startswith('cuda'):
+        local = int(os.environ.get('LOCAL_RANK', '0'))
+        args.device = f'cuda:{local}'
+        torch.cuda.set_device(local)
+    return dist.get_world_size(), rank
+
+
+def _all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+        t = t / world
+    return t
 
 
 # ----------------------------------------------------------------------------------------------- train
+def _eval_keys(with_masks: bool) -> List[str]:
+    return [f'{kind}_{k}' for kind in (('box', 'mask') if with_masks else ('box',)) for k in ('AP', 'AP50', 'AP75')]
+
+
 def train(args) -> Dict:
+    from ..modeling import all_finite
+    from ..plots import plot_training_curves
+    from timm import utils
     from .backbone import build_detector
     from .consistency import InstanceLossTransform
-    from .data import ReplicaDataset, eval_collate, replica_collate
+    from .data import BlockBatchSampler, ReplicaDataset, eval_collate, replica_collate
     from .evaluate import coco_from_dataset, evaluate
     from .transforms import ReplicaAugment
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    world, rank = _init_distributed(args)
+    primary = rank == 0
+    if world > 1:
+        _logger.info(f'Training in distributed mode: process {rank}/{world}, device {args.device}.')
     device = torch.device(args.device)
+    with_masks = args.model == 'maskrcnn'
     train_base, tr_idx, val_base, va_idx = build_datasets(args)
+    sampler = build_sampler(args, len(tr_idx), world, rank)
     num_classes = train_base.num_classes
-    exp = args.experiment or f'{args.dataset}-{args.model}-{args.backbone}-{args.loss}-s{args.seed}'
-    out_dir = os.path.join(args.output, exp)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
-        yaml.safe_dump(vars(args), f, sort_keys=False)
 
     torch.manual_seed(args.seed)
     size = args.img_size or 800
@@ -236,89 +296,137 @@ def train(args) -> Dict:
                                 detach_consensus=args.lt_detach).to(device)
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start_epoch = load_checkpoint(args.resume, net.model, opt, args) if args.resume else 0
+    train_net = net
+    if world > 1:
+        train_net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == 'cuda' else None)
 
     augment = ReplicaAugment(args.hflip, args.scale, args.translate, args.min_visible)
     train_ds = ReplicaDataset(train_base, args.aug_repeats, augment, indices=tr_idx, seed=args.seed)
-    imgs_per_batch = max(1, args.batch_size // args.aug_repeats)
-    val_ds = _Subset(val_base, va_idx)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=2, shuffle=False, num_workers=args.workers,
-                                             collate_fn=eval_collate)
-    coco_gt = coco_from_dataset(val_ds, with_masks=args.model == 'maskrcnn')
+    # Each item is (image, replicas): decoded once, augmented per replica; randomness = f(seed, epoch, image).
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=BlockBatchSampler(sampler),
+                                         num_workers=args.workers, collate_fn=replica_collate)
+    n_it = len(loader)
+    out_dir, lock, coco_gt, val_loader = None, None, None, None
+    if primary:
+        val_ds = _Subset(val_base, va_idx)
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=2, shuffle=False, num_workers=args.workers,
+                                                 collate_fn=eval_collate)
+        coco_gt = coco_from_dataset(val_ds, with_masks=with_masks)
 
-    start_epoch, history = 0, []
-    if args.resume:
-        if not os.path.isfile(args.resume):
-            raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')
-        ck = torch.load(args.resume, map_location='cpu', weights_only=False)
-        net.model.load_state_dict(ck['model'])
-        opt.load_state_dict(ck['optimizer'])
-        start_epoch, history = ck['epoch'] + 1, ck.get('history', [])
-        print(f'Resumed from {args.resume} (epoch {ck["epoch"]}), continuing at epoch {start_epoch}', flush=True)
+    output, exp = args.output, args.experiment
+    if args.resume and not exp:  # continue in the checkpoint's own folder
+        output, exp = os.path.split(os.path.dirname(os.path.abspath(args.resume)))
+    exp = exp or f'{args.dataset}-{args.model}-{args.backbone}-{args.loss}-s{args.seed}'
+    metrics: Dict = {}
+    try:
+        if primary:
+            lock = claim_run_dir(output, exp, args.resume)
+            out_dir = os.path.dirname(lock.path)
+            truncate_summary(os.path.join(out_dir, 'summary.csv'), start_epoch)
+            with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
+                yaml.safe_dump(vars(args), f, sort_keys=False)
+            _logger.info(
+                f'{args.model} on {args.backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
+                f'{len(tr_idx)} train / {len(va_idx)} val images, loss {args.loss} (rho {rho}). Sampler: grouped '
+                f'repeats m={args.aug_repeats}, mode {args.lt_epoch}, {n_it} batches/epoch of {args.batch_size} rows'
+                + (f' per rank x {world} ranks' if world > 1 else '') + f'. Output: {out_dir}. '
+                f'Epochs {start_epoch}..{args.epochs - 1}.')
+            if args.resume:
+                _logger.info(f'Resumed from {args.resume}, continuing at epoch {start_epoch}.')
+        summary_path = os.path.join(out_dir, 'summary.csv') if out_dir else None
+        for epoch in range(start_epoch, args.epochs):
+            metrics = _train_epoch(args, epoch, train_net, net, params, opt, loader, train_ds, device, world,
+                                   primary, out_dir)
+            if not all_finite(net.model):
+                raise _diverged('the weights are no longer finite (NaN/inf)', epoch, out_dir)
+            evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
+            eval_metrics = {k: float('nan') for k in _eval_keys(with_masks)}
+            if primary and evaluated:
+                t1 = time.time()
+                eval_metrics = evaluate(net, val_loader, coco_gt, device, with_masks=with_masks)
+                eval_metrics['time'] = round(time.time() - t1, 1)
+                _logger.info('Eval: ' + '  '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items() if 'AP' in k))
+            elif primary:
+                eval_metrics['time'] = float('nan')
+            if primary:  # checkpoint first, then its summary row (a resumed run drops rows past its start)
+                save_checkpoint(os.path.join(out_dir, 'last.pth.tar'), net.model, opt, epoch, args,
+                                metric=eval_metrics.get('box_AP'))
+                lr_last = metrics.pop('lr_last')
+                utils.update_summary(epoch, metrics, eval_metrics, filename=summary_path, lr=lr_last)
+                metrics.update({f'eval_{k}': v for k, v in eval_metrics.items()})
+            if world > 1:
+                import torch.distributed as dist
+                dist.barrier()
+        if primary and not args.no_plot and os.path.exists(summary_path):
+            png = plot_training_curves(summary_path, os.path.join(out_dir, 'curves.png'),
+                                       title=f'{exp}: --loss {args.loss}')
+            _logger.info(f'Training curves: {png}')
+    finally:
+        if lock is not None:
+            lock.release()
+    return {'output': out_dir, 'final': metrics, 'num_train': len(tr_idx), 'num_val': len(va_idx)}
 
-    summary_path = os.path.join(out_dir, 'summary.csv')
-    metrics: Dict = history[-1] if history else {}
-    for epoch in range(start_epoch, args.epochs):
-        train_ds.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            train_ds, batch_size=imgs_per_batch, shuffle=True, num_workers=args.workers, drop_last=True,
-            collate_fn=replica_collate, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-        net.train()
-        n_it = len(loader)
-        sums: Dict[str, float] = {}
-        t0 = time.time()
-        for it, (images, targets, rparams) in enumerate(loader):
-            lr = lr_at(args, epoch, it, n_it)
-            for gr in opt.param_groups:
-                gr['lr'] = lr
-            images = [im.to(device) for im in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            losses = net(images, targets, rparams)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f'non-finite loss at epoch {epoch} iter {it}: '
-                                         f'{ {k: float(v) for k, v in losses.items()} }; lower --lr')
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-            opt.step()
-            vals = {k: float(v.detach()) for k, v in losses.items()}
-            vals['loss'] = float(loss.detach())
-            vals['consistency'] = (net.last_parts.get('cls', 0.) + args.lt_box_weight * net.last_parts.get('box', 0.)
-                                   + args.lt_mask_weight * net.last_parts.get('mask', 0.))
-            for k, v in vals.items():
-                sums[k] = sums.get(k, 0.) + v
-            if (it + 1) % args.log_interval == 0 or it + 1 == n_it:
-                el = time.time() - t0
-                print(f'Train: {epoch} [{it + 1:>4d}/{n_it} ({100. * (it + 1) / n_it:>3.0f}%)]  '
-                      f'Loss: {vals["loss"]:.4f} ({sums["loss"] / (it + 1):.4f})  '
-                      f'Consistency: {vals["consistency"]:.4f}  LR: {lr:.3e}  '
-                      f'Time: {el / (it + 1):.2f}s/it', flush=True)
-        row = {'epoch': epoch, 'lr': lr, 'epoch_time': round(time.time() - t0, 1)}
-        row.update({f'train_{k}': v / max(1, n_it) for k, v in sums.items()})
-        if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
-            t1 = time.time()
-            row.update(evaluate(net, val_loader, coco_gt, device, with_masks=args.model == 'maskrcnn'))
-            row['eval_time'] = round(time.time() - t1, 1)
-            print('Eval: ' + '  '.join(f'{k} {v:.2f}' for k, v in row.items() if 'AP' in k), flush=True)
-        history.append(row)
-        metrics = row
-        _write_summary(summary_path, history)
-        _save_atomic({'model': net.model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': epoch,
-                      'history': history, 'args': vars(args)}, os.path.join(out_dir, 'last.pth.tar'))
-    result = {'output': out_dir, 'final': metrics, 'num_train': len(tr_idx), 'num_val': len(va_idx)}
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-        json.dump(result, f, indent=2)
-    if history and not args.no_plot:
-        plot_curves(history, os.path.join(out_dir, 'curves.png'), exp)
-    return result
+
+def _train_epoch(args, epoch, train_net, net, params, opt, loader, train_ds, device, world, primary, out_dir):
+    """One epoch; returns the epoch's mean losses (``loss``, ``loss_base``, torchvision's terms,
+    ``loss_consistency`` = rho x consistency, ``consistency`` = the unweighted term measured with either loss)."""
+    loader.batch_sampler.set_epoch(epoch)
+    train_ds.set_epoch(epoch)
+    net.train()
+    n_it = len(loader)
+    keys, sums = None, None
+    lr = lr_at(args, epoch, 0, n_it)
+    t0 = time.time()
+    for it, (images, targets, rparams) in enumerate(loader):
+        lr = lr_at(args, epoch, it, n_it)
+        for gr in opt.param_groups:
+            gr['lr'] = lr
+        images = [im.to(device) for im in images]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        losses = train_net(images, targets, rparams)
+        loss = sum(losses.values())
+        if not bool(torch.isfinite(loss)):  # one sync per step: a bad step is never applied
+            parts = ', '.join(f'{k} {float(v):.4g}' for k, v in losses.items())
+            raise _diverged(f'the loss is {float(loss)} ({parts}) at step {it}', epoch, out_dir)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        opt.step()
+        p = net.last_parts_tensors
+        cons = (p['cls'] + args.lt_box_weight * p['box'] + args.lt_mask_weight * p['mask']) if p else loss.new_zeros(())
+        vals = {'loss': loss, 'loss_base': loss - losses['loss_consistency'], **losses, 'consistency': cons}
+        if keys is None:
+            keys = list(vals)
+            sums = torch.zeros(len(keys), dtype=torch.float64, device=loss.device)
+        sums += torch.stack([vals[k].detach().to(torch.float64) for k in keys])  # summed on the device
+        if primary and ((it + 1) % args.log_interval == 0 or it + 1 == n_it):
+            now = torch.stack([vals[k].detach().float() for k in ('loss', 'consistency')]).tolist()
+            mean_loss = float(sums[0]) / (it + 1)
+            el = time.time() - t0
+            _logger.info(f'Train: {epoch} [{it + 1:>4d}/{n_it} ({100. * (it + 1) / n_it:>3.0f}%)]  '
+                         f'Loss: {now[0]:.4f} ({mean_loss:.4f})  Consistency: {now[1]:.4f}  LR: {lr:.3e}  '
+                         f'Time: {el / (it + 1):.2f}s/it')
+    if sums is None:  # the sampler guarantees at least one batch; kept for a clear message
+        raise UserError(f'epoch {epoch} had no training batch; lower -b/--batch-size or add data.')
+    mean = _all_reduce_mean(sums / n_it, world).tolist()
+    out = dict(zip(keys, mean))
+    out['epoch_time'] = round(time.time() - t0, 1)
+    out['lr_last'] = lr
+    return out
+
+
+@exit_on_user_error
+def _main(argv: Optional[List[str]]) -> int:
+    from timm import utils
+    utils.setup_default_logging()
+    args = parse_args(argv)
+    train(args)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        train(args)
-    except FileNotFoundError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    """CLI entry point: user errors print ``error: ...`` (with the fix) and exit with code 2."""
+    return _main(argv)
