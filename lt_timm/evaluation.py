@@ -14,15 +14,28 @@ import torch
 from timm import utils
 from timm.data import create_loader, create_transform, resolve_data_config
 
-from .data import class_to_idx_of, load_folder_dataset, read_class_map
+from timm.layers import apply_test_time_pool, set_fast_norm
+from timm.models import load_checkpoint
+from timm.utils.model import reparameterize_model
+
+from .data import class_to_idx_of, read_class_map
 from .errors import UserError
 from .metrics import view_statistics
+from .parity import add_refused_options, check_refused
 from .plots import plot_view_heatmap
 from .transforms import apply_cifar_augmentation
-from .modeling import create_model, load_weights, read_checkpoint_args
-from .training import validate
+from .modeling import checkpoint_problem, read_checkpoint_args
+from .training import (create_model_from_args, dataset_options, open_dataset, resolve_model_dtype, validate,
+                       _ITERABLE, _KEYED, _HF)
 
-__all__ = ['build_validate_parser', 'run_validation']
+VALIDATE_DATASET_OPTIONS = (
+    ('--num-samples', 'num_samples', 'num_samples', _ITERABLE, 'eval'),
+    ('--input-key', 'input_key', 'input_key', _KEYED, 'both'),
+    ('--target-key', 'target_key', 'target_key', _KEYED, 'both'),
+    ('--dataset-trust-remote-code', 'dataset_trust_remote_code', 'trust_remote_code', _HF, 'both'),
+)
+
+__all__ = ['build_validate_parser', 'run_validation', 'resolve_eval_num_classes']
 
 _logger = logging.getLogger('validate')
 
@@ -33,8 +46,13 @@ def build_validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
     p.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name (default: ImageFolder)')
     p.add_argument('--split', metavar='NAME', default='validation', help='dataset split (default: validation)')
+    p.add_argument('--num-samples', default=None, type=int, metavar='N', help='Manually specify num samples in dataset split, for IterableDatasets.')
+    p.add_argument('--dataset-download', action='store_true', default=False, help='Allow download of dataset for torch/ and tfds/ datasets that support it.')
     p.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file')
+    p.add_argument('--input-key', default=None, type=str, help='Dataset key for input images.')
     p.add_argument('--input-img-mode', default=None, type=str, help='Dataset image conversion mode for input images.')
+    p.add_argument('--target-key', default=None, type=str, help='Dataset key for target labels.')
+    p.add_argument('--dataset-trust-remote-code', action='store_true', default=False, help='Allow huggingface dataset import to execute code downloaded from the dataset\'s repo.')
     p.add_argument('--model', '-m', metavar='NAME', default='resnet50', help='model architecture (default: resnet50)')
     p.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='path to latest checkpoint (default: none)')
     p.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained model')
@@ -44,18 +62,32 @@ def build_validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', default=None, type=int, metavar='N', help='Input image dimension, uses model default if empty')
     p.add_argument('--in-chans', type=int, default=None, metavar='N', help='Image input channels (default: None => 3)')
     p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N', help='Input all image dimensions (d h w)')
+    p.add_argument('--use-train-size', action='store_true', default=False, help='force use of train input size, even when test size is specified in pretrained cfg')
     p.add_argument('--crop-pct', default=None, type=float, metavar='N', help='Input image center crop pct')
+    p.add_argument('--crop-mode', default=None, type=str, metavar='N', help='Input image crop mode (squash, border, center). Model default if None.')
+    p.add_argument('--crop-border-pixels', type=int, default=None, help='Crop pixels from image border.')
     p.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='Override mean pixel value of dataset')
     p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='Override std deviation of dataset')
     p.add_argument('--interpolation', default='', type=str, metavar='NAME', help='Image resize interpolation type (overrides model)')
     p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='mini-batch size (default: 256)')
+    p.add_argument('--log-freq', default=10, type=int, metavar='N', help='batch logging frequency (default: 10)')
+    p.add_argument('--test-pool', dest='test_pool', action='store_true', help='enable test time pool')
+    p.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader for more efficient transfer to GPU.')
+    p.add_argument('--use-ema', dest='use_ema', action='store_true', help='use ema version of weights if present')
+    p.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
+    p.add_argument('--reparam', default=False, action='store_true', help='Reparameterize model')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs, help='model keyword arguments: key=value ...')
+    p.add_argument('--torchcompile-mode', type=str, default=None, help="torch.compile mode (default: None).")
+    p.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', help="Enable compilation w/ specified backend (default: inductor).")
     p.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='number of data loading workers (default: 4)')
     p.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
     p.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
     p.add_argument('--device', default='cuda', type=str, help='Device (accelerator) to use.')
     p.add_argument('--amp', action='store_true', default=False, help='use mixed precision')
     p.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
+    p.add_argument('--model-dtype', default=None, type=str, help='Model dtype override (non-AMP) (default: float32)')
     p.add_argument('--results-file', default='', type=str, metavar='FILENAME', help='Output csv or json file for validation results')
+    p.add_argument('--results-format', default=None, type=str, choices=('csv', 'json'), help='Format for results file: csv or json (default: json for a .json file, else csv)')
     p.add_argument('--seed', type=int, default=42, help='random seed for the augmented views')
     g = p.add_argument_group('LossTransform evaluation')
     g.add_argument('--consistency', type=int, default=0, metavar='N',
@@ -70,26 +102,64 @@ def build_validate_parser() -> argparse.ArgumentParser:
     g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='view transform color jitter')
     g.add_argument('--train-crop-mode', type=str, default=None, help='view transform crop: timm\'s (default) or "pad" (CIFAR pad-and-crop)')
     g.add_argument('--train-crop-pad', type=int, default=4, metavar='N', help='padding of --train-crop-mode pad (default: 4)')
+    add_refused_options(p, 'validate')
     return p
 
 
-def _write_results(path: str, results: 'OrderedDict[str, object]') -> None:
+def _results_format(args: argparse.Namespace) -> str:
+    return args.results_format or ('json' if args.results_file.endswith('.json') else 'csv')
+
+
+def _write_results(path: str, results: 'OrderedDict[str, object]', fmt: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith('.json'):
+    if fmt == 'json':
         with open(path, 'w') as f:
             json.dump(results, f, indent=2)
-    elif path.endswith('.csv'):
+    else:
         with open(path, 'w', newline='') as f:
             w = csv.DictWriter(f, fieldnames=list(results))
             w.writeheader()
             w.writerow(results)
-    else:
-        raise UserError(f'--results-file {path} must end in .csv or .json.')
+
+
+def resolve_eval_num_classes(num_classes: Optional[int], run_map, dataset) -> int:
+    """--num-classes, else the training run's class map, else the dataset's classes (any dataset: folder, torch/,
+    hfds/ ...; a dataset without a ``reader`` included)."""
+    if num_classes is not None:
+        return num_classes
+    n = len(run_map or class_to_idx_of(dataset))
+    if not n:
+        raise UserError(f'cannot infer the number of classes of this {type(dataset).__name__}; pass --num-classes.')
+    return n
+
+
+def _load_checkpoint(model, args: argparse.Namespace) -> None:
+    """The checkpoint's weights (``--use-ema``: its EMA weights, refused when it has none), via timm's loader."""
+    path = args.checkpoint
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} not found; check the path.')
+    if args.use_ema:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                content = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise UserError(checkpoint_problem(path, e, f'--model {args.model}')) from e
+        if not (isinstance(content, dict) and any(k in content for k in ('state_dict_ema', 'model_ema'))):
+            raise UserError(f'--use-ema: checkpoint {path} has no EMA weights (state_dict_ema); train with '
+                            f'--model-ema, or drop --use-ema.')
+    try:
+        load_checkpoint(model, path, use_ema=args.use_ema, filter_fn=getattr(model, 'checkpoint_filter_fn', None))
+    except (ValueError, UserError):
+        raise
+    except Exception as e:
+        raise UserError(checkpoint_problem(path, e, f'--model {args.model} with {args.num_classes} classes')) from e
 
 
 def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
-    if args.results_file and not args.results_file.endswith(('.csv', '.json')):
-        raise UserError(f'--results-file {args.results_file} must end in .csv or .json.')
+    check_refused(args, 'validate')
+    model_dtype = resolve_model_dtype(args)
+    if args.fast_norm:
+        set_fast_norm()
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         _logger.warning('CUDA is not available: validating on the CPU (pass --device cpu to silence this).')
         args.device = 'cpu'
@@ -108,32 +178,40 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
     if run_map and not args.class_map:
         _logger.info(f'Using the class map of the training run ({len(run_map)} classes) beside {args.checkpoint}.')
     data_opts = dict(class_map=args.class_map or run_map, input_img_mode=args.input_img_mode or
-                     ('RGB' if in_chans == 3 else 'L'), batch_size=args.batch_size, seed=args.seed)
-    dataset = load_folder_dataset(args.dataset, root, args.split, False, **data_opts)
-    if args.num_classes is None:
-        args.num_classes = len(run_map or class_to_idx_of(dataset)) or None
-        if args.num_classes is None:
-            raise UserError('cannot infer the number of classes; pass --num-classes.')
-    model = create_model(args.model, args.num_classes, in_chans, pretrained=args.pretrained,
-                         pretrained_path=args.pretrained_path, global_pool=args.gp)
+                     ('RGB' if in_chans == 3 else 'L'), batch_size=args.batch_size, seed=args.seed,
+                     download=args.dataset_download)
+    extra = dataset_options(args, VALIDATE_DATASET_OPTIONS, False)
+    dataset = open_dataset(args, root, args.split, False, extra, **data_opts)
+    args.num_classes = resolve_eval_num_classes(args.num_classes, run_map, dataset)
+    model = create_model_from_args(args, args.num_classes, in_chans, training=False)
     if args.checkpoint:
-        load_weights(model, args.checkpoint, f'--model {args.model} with {args.num_classes} classes')
-    model.to(device).eval()
+        _load_checkpoint(model, args)
+    if args.reparam:
+        model = reparameterize_model(model)
+    data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size)
+    test_time_pool = False
+    if args.test_pool:
+        model, test_time_pool = apply_test_time_pool(model, data_config, use_test_size=not args.use_train_size)
+    model.to(device=device, dtype=model_dtype).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    data_config = resolve_data_config(vars(args), model=model)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     amp_autocast = suppress
     if args.amp:
+        if model_dtype not in (None, torch.float32):
+            raise UserError('--model-dtype cannot be combined with --amp; use one of them.')
         amp_autocast = partial(torch.autocast, device_type=device.type,
                                dtype=torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16)
 
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         use_prefetcher=args.prefetcher, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, crop_pct=data_config['crop_pct'], device=device,
-        persistent_workers=args.workers > 0)
+        std=data_config['std'], num_workers=args.workers, crop_pct=1.0 if test_time_pool else data_config['crop_pct'],
+        crop_mode=data_config['crop_mode'], crop_border_pixels=args.crop_border_pixels, pin_memory=args.pin_mem,
+        img_dtype=model_dtype or torch.float32, device=device, persistent_workers=args.workers > 0)
     start = time.time()
-    metrics = validate(model, loader, args, device, amp_autocast)
+    metrics = validate(model, loader, args, device, amp_autocast, log_freq=args.log_freq, input_dtype=model_dtype)
     elapsed = time.time() - start
     results = OrderedDict(
         model=args.model, checkpoint=args.checkpoint, split=args.split, top1=round(metrics['top1'], 4),
@@ -143,7 +221,7 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
     num_views = max(args.consistency, args.tta, 2 if args.plot else 0)
     if num_views:
         utils.random_seed(args.seed)
-        views = load_folder_dataset(args.dataset, root, args.split, False, **data_opts)
+        views = open_dataset(args, root, args.split, False, extra, **data_opts)
         views.transform = create_transform(
             data_config['input_size'], is_training=True, scale=args.scale, hflip=args.hflip,
             color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=data_config['interpolation'],
@@ -167,5 +245,5 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
             results['plot'] = args.plot
     _logger.info('--result\n' + json.dumps(results, indent=4))
     if args.results_file:
-        _write_results(args.results_file, results)
+        _write_results(args.results_file, results, _results_format(args))
     return results

@@ -27,21 +27,20 @@ def create_model(
         pretrained: bool = False,
         pretrained_path: Optional[str] = None,
         initial_checkpoint: str = '',
-        drop_rate: float = 0.,
-        drop_path_rate: Optional[float] = None,
-        global_pool: Optional[str] = None,
+        **model_kwargs,
 ) -> nn.Module:
-    """``timm.create_model`` as timm's train.py calls it (``pretrained_path`` adapts the head), then an optional
-    ``initial_checkpoint`` loaded as is."""
-    factory_kwargs = {}
+    """``timm.create_model`` as timm's train.py calls it (``pretrained_path`` adapts the head; ``model_kwargs``: drop
+    rates, BatchNorm overrides, ``--model-kwargs``), then an optional ``initial_checkpoint`` loaded as is."""
     if pretrained_path:
         if not os.path.isfile(pretrained_path):
             raise UserError(f'--pretrained-path {pretrained_path} not found; check the path.')
-        factory_kwargs['pretrained_cfg_overlay'] = dict(file=pretrained_path, num_classes=-1)
+        model_kwargs['pretrained_cfg_overlay'] = dict(file=pretrained_path, num_classes=-1)
     try:
         model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes,
-                                  drop_rate=drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool,
-                                  **factory_kwargs)
+                                  **model_kwargs)
+    except TypeError as e:
+        raise UserError(f'--model {name} does not take these arguments ({e}); check --model-kwargs and the '
+                        f'BatchNorm/drop flags.') from e
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise UserError(f'unknown --model {name!r}; list names with python -c "import timm; '

@@ -6,6 +6,7 @@ Built from timm's pieces — ``create_model``, ``create_dataset``, ``lt_timm.cre
 so flags, YAML recipes (``-c``, keys are the flags' dest names) and checkpoints carry over from timm.
 """
 import argparse
+import importlib
 import logging
 import math
 import os
@@ -21,8 +22,10 @@ import torch.nn as nn
 import yaml
 
 import timm
+import timm.data
 from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, resolve_data_config
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -34,6 +37,7 @@ from .data import IMAGE_CHECKS, check_images, class_to_idx_of, load_folder_datas
 from .errors import UserError
 from .loader import create_loader
 from .loss import LossTransform
+from .parity import COMPUTED_KEYS, add_refused_options, check_refused
 from .modeling import all_finite, checkpoint_problem, create_model, read_checkpoint_args
 from .plots import plot_training_curves
 from .run_dir import claim_run_dir, truncate_summary
@@ -56,9 +60,14 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>") (default: ImageFolder or ImageTar if empty)')
     g.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
     g.add_argument('--val-split', metavar='NAME', default='validation', help='dataset validation split (default: validation)')
+    g.add_argument('--train-num-samples', default=None, type=int, metavar='N', help='Manually specify num samples in train split, for IterableDatasets.')
+    g.add_argument('--val-num-samples', default=None, type=int, metavar='N', help='Manually specify num samples in validation split, for IterableDatasets.')
     g.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file (default: "")')
     g.add_argument('--input-img-mode', default=None, type=str, help='Dataset image conversion mode for input images.')
     g.add_argument('--dataset-download', action='store_true', default=False, help='Allow download of dataset for torch/ and tfds/ datasets that support it.')
+    g.add_argument('--input-key', default=None, type=str, help='Dataset key for input images.')
+    g.add_argument('--target-key', default=None, type=str, help='Dataset key for target labels.')
+    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False, help='Allow huggingface dataset import to execute code downloaded from the dataset\'s repo.')
 
     g = parser.add_argument_group('Model parameters')
     g.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='Name of model to train (default: "resnet50")')
@@ -79,6 +88,12 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='Input batch size for training (default: 128)')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N', help='Validation batch size override (default: None)')
     g.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='The number of steps to accumulate gradients (default: 1)')
+    g.add_argument('--grad-checkpointing', action='store_true', default=False, help='Enable gradient checkpointing through model blocks/stages')
+    g.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs, help='model keyword arguments: key=value ...')
+    g.add_argument('--head-init-scale', default=None, type=float, help='Head initialization scale')
+    g.add_argument('--head-init-bias', default=None, type=float, help='Head initialization bias value')
     g.add_argument('--torchcompile-mode', type=str, default=None, help="torch.compile mode (default: None).")
     g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', help="Enable compilation w/ specified backend (default: inductor); compiles the model and the loss.")
 
@@ -86,6 +101,11 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--device', default='cuda', type=str, help='Device (accelerator) to use.')
     g.add_argument('--amp', action='store_true', default=False, help='use mixed precision training')
     g.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
+    g.add_argument('--model-dtype', default=None, type=str, help='Model dtype override (non-AMP) (default: float32)')
+    g.add_argument('--no-ddp-bb', action='store_true', default=False, help='Force broadcast buffers for native DDP to off.')
+    g.add_argument('--synchronize-step', action='store_true', default=False, help='torch.cuda.synchronize() end of each step')
+    g.add_argument('--local_rank', default=0, type=int, help='accepted for torch.distributed.launch (the rank comes from the environment)')
+    g.add_argument('--device-modules', default=None, type=str, nargs='+', help='Python imports for device backend modules.')
     g.add_argument('--dist-backend', default=None, type=str, help='torch.distributed backend (default: nccl on cuda, else gloo)')
     g.add_argument('--dist-url', default=None, type=str, help='torch.distributed init url (default: env://)')
 
@@ -98,6 +118,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='Clip gradient norm (default: None, no clipping)')
     g.add_argument('--clip-mode', type=str, default='norm', help='Gradient clipping mode. One of ("norm", "value", "agc")')
     g.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay (default: None)')
+    g.add_argument('--layer-decay-min-scale', type=float, default=0, help='layer-wise lr decay minimum scale clamp (default: 0)')
+    g.add_argument('--layer-decay-no-opt-scale', type=float, default=None, help='layer-wise lr decay no optimization scale (default: None)')
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=utils.ParseKwargs, help='optimizer keyword arguments: key=value ...')
 
     g = parser.add_argument_group('Learning rate schedule parameters')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler (default: "cosine")')
@@ -107,11 +130,16 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='base learning rate batch size (divisor, default: 256).')
     g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='base learning rate vs batch_size scaling ("linear", "sqrt", based on opt if empty)')
     g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct', help='learning rate noise on/off epoch percentages')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT', help='learning rate noise limit percent (default: 0.67)')
+    g.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV', help='learning rate noise std-dev (default: 1.0)')
     g.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT', help='learning rate cycle len multiplier (default: 1.0)')
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT', help='amount to decay each learning rate cycle (default: 0.5)')
     g.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N', help='learning rate cycle limit, cycles enabled if > 1')
+    g.add_argument('--lr-k-decay', type=float, default=1.0, help='learning rate k-decay for cosine/poly (default: 1.0)')
     g.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate (default: 1e-5)')
     g.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound for cyclic schedulers that hit 0 (default: 0)')
     g.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train (default: 300)')
+    g.add_argument('--epoch-repeats', type=float, default=0., metavar='N', help='epoch repeat multiplier (number of times to repeat dataset epoch per train epoch; IterableDatasets).')
     g.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number (useful on restarts)')
     g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES', help='list of decay epoch indices for multistep lr. must be increasing')
     g.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
@@ -131,6 +159,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--hflip', type=float, default=0.5, help='Horizontal flip training aug probability')
     g.add_argument('--vflip', type=float, default=0., help='Vertical flip training aug probability')
     g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='Color jitter factor (default: 0.4)')
+    g.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT', help='Probability of applying any color jitter.')
+    g.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT', help='Probability of applying random grayscale conversion.')
+    g.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT', help='Probability of applying gaussian blur.')
     g.add_argument('--aa', type=str, default=None, metavar='NAME', help='Use AutoAugment policy. "v0" or "original". (default: None)')
     g.add_argument('--aug-repeats', type=float, default=0, help='Number of augmentation repetitions (m); replicas of an image share a batch. (default: 0)')
     g.add_argument('--aug-splits', type=int, default=0, help='Number of augmentation splits (default: 0, valid: 0 or >=2)')
@@ -142,6 +173,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--reprob', type=float, default=0., metavar='PCT', help='Random erase prob (default: 0.)')
     g.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
     g.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
+    g.add_argument('--resplit', action='store_true', default=False, help='Do not random erase first (clean) augmentation split')
     g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0. (default: 0.)')
     g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
     g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
@@ -153,6 +185,14 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--train-interpolation', type=str, default='random', help='Training interpolation (random, bilinear, bicubic default: "random")')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='Dropout rate (default: 0.)')
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='Drop path rate (default: None)')
+    g.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='Drop block rate (default: None)')
+
+    g = parser.add_argument_group('Batch norm parameters', 'Only works with gen_efficientnet based models currently.')
+    g.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override (if not None)')
+    g.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override (if not None)')
+    g.add_argument('--sync-bn', action='store_true', help='Enable synchronized BatchNorm.')
+    g.add_argument('--dist-bn', type=str, default='reduce', help='Distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
+    g.add_argument('--split-bn', action='store_true', help='Enable separate BN layers per augmentation split.')
 
     g = parser.add_argument_group('Model exponential moving average parameters')
     g.add_argument('--model-ema', action='store_true', default=False, help='Enable tracking moving average of model weights.')
@@ -162,19 +202,29 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     g = parser.add_argument_group('Miscellaneous parameters')
     g.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    g.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
     g.add_argument('--log-interval', type=int, default=50, metavar='N', help='how many batches to wait before logging training status')
+    g.add_argument('--val-interval', type=int, default=1, metavar='N', help='how many epochs between validation and checkpointing')
+    g.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='how many batches to wait before writing recovery checkpoint')
     g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep (default: 10)')
     g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='how many training processes to use (default: 4)')
+    g.add_argument('--save-images', action='store_true', default=False, help='save images of input batches every log interval for debugging')
     g.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader for more efficient transfer to GPU.')
     g.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
     g.add_argument('--output', default='', type=str, metavar='PATH', help='path to output folder (default: none, current dir)')
     g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment, name of sub-folder for output')
     g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='Best metric (default: "top1")')
+    g.add_argument('--use-multi-epochs-loader', action='store_true', default=False, help='use the multi-epochs-loader to save time at the beginning of every epoch (not with --aug-repeats)')
+    g.add_argument('--log-wandb', action='store_true', default=False, help='log training and validation metrics to wandb (wandb is optional)')
+    g.add_argument('--wandb-project', default=None, type=str, help='wandb project name')
+    g.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
+    g.add_argument('--wandb-resume-id', default='', type=str, help='If resuming a run, the id of the run in wandb')
     g.add_argument('--no-plot', action='store_true', default=False, help='do not write the training-curves PNG at the end')
     g.add_argument('--check-loss-every-step', action='store_true', default=False, help='check every step\'s loss before applying it (one host sync per step; default: the summed loss at each --log-interval)')
     g.add_argument('--no-decode-once', action='store_true', default=False, help='with --aug-repeats: decode each replica\'s image separately instead of once per replica group')
     g.add_argument('--check-images', default='header', choices=IMAGE_CHECKS, help='check every image file before training: header (default: headers and complete JPEG/PNG files), decode (decode every image), none')
     add_losstransform_args(parser)
+    add_refused_options(parser, 'train')
     return config_parser, parser
 
 
@@ -197,6 +247,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
         if not isinstance(cfg, dict):
             raise UserError(f'config {args_config.config} holds a {type(cfg).__name__}, not a mapping of flag dest '
                             f'names to values (e.g. "aug_repeats: 3").')
+        cfg = {k: v for k, v in cfg.items() if k not in COMPUTED_KEYS and k != 'config'}  # run-time keys of a namespace
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -204,6 +255,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
                             f'(e.g. aug_repeats for --aug-repeats).')
         parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
+    check_refused(args, 'train')
     if args.jsd_loss and args.loss == 'ce':
         args.loss = 'jsd'
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
@@ -214,7 +266,7 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     """timm's rule: without --lr, scale --lr-base by the global batch size."""
     if args.lr is not None:
         return
-    global_batch_size = args.batch_size * args.world_size
+    global_batch_size = args.batch_size * args.world_size * max(1, getattr(args, 'grad_accum_steps', 1))
     batch_ratio = global_batch_size / args.lr_base_size
     if not args.lr_base_scale:
         on = args.opt.lower()
@@ -255,6 +307,79 @@ def _resolve_num_classes(args: argparse.Namespace, dataset_train) -> None:
                         f'set --num-classes {n_data}.')
 
 
+_ITERABLE = ('tfds/', 'wds/', 'hfids/')
+_KEYED = ('hfds/', 'hfids/', 'tfds/', 'wds/')
+_HF = ('hfds/', 'hfids/')
+# (flag, dest, create_dataset kwarg, dataset prefixes it applies to, split: 'train' / 'eval' / 'both')
+TRAIN_DATASET_OPTIONS = (
+    ('--train-num-samples', 'train_num_samples', 'num_samples', _ITERABLE, 'train'),
+    ('--val-num-samples', 'val_num_samples', 'num_samples', _ITERABLE, 'eval'),
+    ('--epoch-repeats', 'epoch_repeats', 'repeats', _ITERABLE, 'train'),
+    ('--input-key', 'input_key', 'input_key', _KEYED, 'both'),
+    ('--target-key', 'target_key', 'target_key', _KEYED, 'both'),
+    ('--dataset-trust-remote-code', 'dataset_trust_remote_code', 'trust_remote_code', _HF, 'both'),
+)
+
+
+def dataset_options(args: argparse.Namespace, table, is_training: bool) -> dict:
+    """timm's extra ``create_dataset`` kwargs set on the command line; refused by name where timm would ignore them."""
+    name = (args.dataset or '').lower()
+    out = {}
+    for flag, dest, kwarg, prefixes, split in table:
+        value = getattr(args, dest, None)
+        if value in (None, False, 0, 0.):
+            continue
+        if not name.startswith(prefixes):
+            raise UserError(f'{flag} applies to {"/".join(p.rstrip("/") for p in prefixes)} datasets only (timm ignores '
+                            f'it for --dataset {args.dataset or "ImageFolder"!r}); drop it.')
+        if split == 'both' or (split == 'train') == is_training:
+            out[kwarg] = value
+    return out
+
+
+def open_dataset(args: argparse.Namespace, root: str, split: str, is_training: bool, extra: dict, class_map=None,
+                 **opts):
+    """lt-timm's checked dataset (:func:`load_folder_dataset`), or timm's ``create_dataset`` as is when timm's
+    iterable/HF dataset options (``extra``) are given."""
+    if not extra:
+        return load_folder_dataset(args.dataset, root, split, is_training, class_map=class_map, **opts)
+    try:
+        return timm.data.create_dataset(args.dataset, root=root, split=split, is_training=is_training,
+                                        class_map=class_map or '', **opts, **extra)
+    except (AssertionError, FileNotFoundError, RuntimeError, ImportError) as e:
+        raise UserError(f'cannot open split {split!r} of dataset {args.dataset} at {root}: {e}.') from e
+
+
+def resolve_model_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """``--model-dtype`` as timm checks it: float32/float16/bfloat16, and not together with ``--amp``."""
+    if not getattr(args, 'model_dtype', None):
+        return None
+    if args.model_dtype not in ('float32', 'float16', 'bfloat16'):
+        raise UserError(f'--model-dtype must be float32, float16 or bfloat16, got {args.model_dtype!r}.')
+    dtype = getattr(torch, args.model_dtype)
+    if args.amp and dtype != torch.float32:
+        raise UserError(f'--model-dtype {args.model_dtype} cannot be combined with --amp (AMP needs float32 weights); '
+                        f'use one of them.')
+    return dtype
+
+
+def create_model_from_args(args: argparse.Namespace, num_classes: int, in_chans: int, training: bool = True,
+                           initial_checkpoint: str = '') -> nn.Module:
+    """:func:`lt_timm.modeling.create_model` with timm's train.py / validate.py model flags (``--model-kwargs``,
+    BatchNorm and drop overrides, ``--pretrained-path`` head adaptation), then an optional checkpoint."""
+    kwargs = dict(global_pool=args.gp)
+    if training:
+        kwargs.update(drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
+                      bn_momentum=args.bn_momentum, bn_eps=args.bn_eps)
+    model_kwargs = dict(getattr(args, 'model_kwargs', None) or {})
+    clash = sorted(set(model_kwargs) & (set(kwargs) | {'pretrained', 'in_chans', 'num_classes'}))
+    if clash:
+        raise UserError(f'--model-kwargs sets {clash}, which have their own flags; use those flags instead.')
+    return create_model(args.model, num_classes, in_chans, pretrained=args.pretrained,
+                        pretrained_path=getattr(args, 'pretrained_path', None), initial_checkpoint=initial_checkpoint,
+                        **kwargs, **model_kwargs)
+
+
 def _diverged(loss_value: float, epoch: int, steps: str, output_dir: Optional[str], applied: bool) -> UserError:
     last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
     resume = (f'then --resume {last} (end of epoch {epoch - 1})' if last and os.path.exists(last)
@@ -285,12 +410,18 @@ def train_one_epoch(
         loss_scaler=None,
         mixup_fn=None,
         output_dir: Optional[str] = None,
+        saver=None,
+        model_dtype: Optional[torch.dtype] = None,
 ) -> 'OrderedDict[str, float]':
     """One epoch of ``task`` over ``loader``; returns the epoch's mean loss, its parts, time and throughput.
 
     No host synchronisation per step: the loss and its parts are summed on the device and read at each log
     interval (and the epoch's end), where a non-finite sum stops the run. ``--check-loss-every-step`` checks every
     step's loss before it is applied instead (one sync per step).
+
+    ``--grad-accum-steps N`` as timm: each micro-batch (a whole grouped batch, all replicas of its images) adds
+    loss / N to the gradients, the optimizer steps every N micro-batches (and at the epoch's end), DDP syncs only on
+    the stepping micro-batch, and the scheduler, EMA, log interval and recovery interval count optimizer steps.
     """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and getattr(loader, 'mixup_enabled', False):
@@ -300,44 +431,64 @@ def train_one_epoch(
     model = task.get_trainable_module()
     model.train()
     criterion = task.criterion
+    has_no_sync = args.distributed and hasattr(model, 'no_sync')
+    second_order = getattr(optimizer, 'is_second_order', False)
     sums = torch.zeros(3, dtype=torch.float32 if device.type == 'mps' else torch.float64, device=device)
     samples = 0
     num_batches = len(loader)
-    num_updates = epoch * num_batches
+    accum_steps = max(1, getattr(args, 'grad_accum_steps', 1))
+    last_accum_steps = num_batches % accum_steps
+    last_batch_idx_to_accum = num_batches - last_accum_steps
+    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    num_updates = epoch * updates_per_epoch
     start = last_log = time.time()
     samples_since_log, logged_step = 0, 0
+    optimizer.zero_grad()
     for batch_idx, (input, target) in enumerate(loader):
+        last_batch = batch_idx + 1 == num_batches
+        need_update = last_batch or (batch_idx + 1) % accum_steps == 0
+        update_idx = batch_idx // accum_steps
+        if batch_idx >= last_batch_idx_to_accum:
+            accum_steps = last_accum_steps  # the epoch's last, shorter accumulation
         if not args.prefetcher:
-            input, target = input.to(device), target.to(device)
+            input, target = input.to(device=device, dtype=model_dtype), target.to(device)
             if mixup_fn is not None:
                 input, target = mixup_fn(input, target)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
 
-        with amp_autocast():
-            loss = task(input, target)['loss']
-        if args.check_loss_every_step and not torch.isfinite(loss):
-            raise _diverged(loss.item(), epoch, f'step {batch_idx}', output_dir, applied=False)
-        optimizer.zero_grad()
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode))
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                utils.dispatch_clip_grad(task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
-                                         value=args.clip_grad, mode=args.clip_mode)
-            optimizer.step()
-        num_updates += 1
-        task.update_ema(step=num_updates)
+        with task.no_sync() if has_no_sync and not need_update else suppress():
+            with amp_autocast():
+                loss = task(input, target)['loss']
+            if args.check_loss_every_step and not torch.isfinite(loss):
+                raise _diverged(loss.item(), epoch, f'step {batch_idx}', output_dir, applied=False)
+            step_loss = loss / accum_steps if accum_steps > 1 else loss
+            clip_parameters = (task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
+                               if args.clip_grad is not None else None)
+            if loss_scaler is not None:
+                loss_scaler(step_loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=clip_parameters, create_graph=second_order, need_update=need_update)
+            else:
+                step_loss.backward(create_graph=second_order)
+                if need_update:
+                    if args.clip_grad is not None:
+                        utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
 
         n = input.shape[0]
         parts = _loss_parts(criterion, loss)
         sums += parts.to(sums.dtype) * n
         samples += n
         samples_since_log += n
+        if not need_update:
+            continue
+        num_updates += 1
+        optimizer.zero_grad()
+        task.update_ema(step=num_updates)
+        if args.synchronize_step and device.type == 'cuda':
+            torch.cuda.synchronize()
 
-        if (batch_idx + 1) % args.log_interval == 0 or batch_idx + 1 == num_batches:
+        if (update_idx + 1) % args.log_interval == 0 or last_batch:
             host = torch.cat([sums, parts.to(sums.dtype)]).tolist()  # the one sync of a log interval
             if not math.isfinite(host[0]):
                 raise _diverged(host[0], epoch, f'between steps {logged_step} and {batch_idx} (checked every '
@@ -350,13 +501,21 @@ def train_one_epoch(
             lr = optimizer.param_groups[0]['lr']
             if utils.is_primary(args):
                 _logger.info(
-                    f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] loss {host[3]:.4f} '
+                    f'Train: {epoch} [{update_idx + 1:>4d}/{updates_per_epoch}] loss {host[3]:.4f} '
                     f'(base {host[4]:.4f} + consistency {host[5]:.4f}) lr {lr:.3e} '
                     f'{rate:.1f} img/s ETA {eta:.0f}s')
+                if args.save_images and output_dir:
+                    import torchvision.utils
+                    torchvision.utils.save_image(input.float(), os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
+                                                 padding=0, normalize=True)
             last_log, samples_since_log = now, 0
+        if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+            saver.save_recovery(epoch, batch_idx=update_idx)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
 
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
     epoch_time = time.time() - start
     totals = torch.cat([sums, sums.new_tensor([samples])])
     if args.distributed:
@@ -380,14 +539,17 @@ def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, args: argparse.Namespace, device: torch.device,
-             amp_autocast=suppress, log_suffix: str = '') -> 'OrderedDict[str, float]':
-    """Top-1/top-5 accuracy (%) and CE loss over ``loader`` (timm's validation semantics)."""
+             amp_autocast=suppress, log_suffix: str = '', log_freq: int = 0,
+             input_dtype: Optional[torch.dtype] = None) -> 'OrderedDict[str, float]':
+    """Top-1/top-5 accuracy (%) and CE loss over ``loader`` (timm's validation semantics); ``log_freq``: log the
+    running accuracy every that many batches (validate.py's ``--log-freq``)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss()
     sums = torch.zeros(4, dtype=torch.float64)  # loss*n, top1*n, top5*n, n
-    for input, target in loader:
+    num_batches = len(loader) if hasattr(loader, '__len__') else None
+    for batch_idx, (input, target) in enumerate(loader):
         if not args.prefetcher:
-            input, target = input.to(device), target.to(device)
+            input, target = input.to(device=device, dtype=input_dtype), target.to(device)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
@@ -399,6 +561,10 @@ def validate(model: nn.Module, loader, args: argparse.Namespace, device: torch.d
         acc1, acc5 = utils.accuracy(output, target, topk=(1, k))
         n = input.shape[0]
         sums += torch.tensor([loss.item() * n, acc1.item() * n, acc5.item() * n, n], dtype=torch.float64)
+        if log_freq and (batch_idx + 1) % log_freq == 0 and utils.is_primary(args):
+            seen = max(sums[3].item(), 1.0)
+            _logger.info(f'Test{log_suffix}: [{batch_idx + 1:>4d}/{num_batches or "?"}] loss {sums[0].item() / seen:.4f} '
+                         f'top1 {sums[1].item() / seen:.3f} top5 {sums[2].item() / seen:.3f}')
     if args.distributed:
         sums = _all_reduce_sum(sums, device)
     n = max(sums[3].item(), 1.0)
@@ -413,10 +579,12 @@ def _load_datasets(args: argparse.Namespace, in_chans: int):
     root = _data_root(args)
     opts = dict(input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'), batch_size=args.batch_size,
                 seed=args.seed, download=args.dataset_download)
-    dataset_train = load_folder_dataset(args.dataset, root, args.train_split, True, class_map=args.class_map, **opts)
+    train_extra = dataset_options(args, TRAIN_DATASET_OPTIONS, True)
+    eval_extra = dataset_options(args, TRAIN_DATASET_OPTIONS, False)
+    dataset_train = open_dataset(args, root, args.train_split, True, train_extra, class_map=args.class_map, **opts)
     class_to_idx = class_to_idx_of(dataset_train)
-    dataset_eval = load_folder_dataset(args.dataset, root, args.val_split, False,
-                                       class_map=class_to_idx or args.class_map, **opts)
+    dataset_eval = open_dataset(args, root, args.val_split, False, eval_extra,
+                                class_map=class_to_idx or args.class_map, **opts)
     if utils.is_primary(args):
         paths = [p for ds in (dataset_train, dataset_eval) for p, _ in getattr(getattr(ds, 'reader', None), 'samples', [])]
         start = time.time()
@@ -439,20 +607,22 @@ def _mixup(args: argparse.Namespace):
     return True, None, Mixup(**mixup_args)
 
 
-def _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, device):
+def _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, device, model_dtype=None):
     train_interpolation = args.train_interpolation
     if args.no_aug or not train_interpolation:
         train_interpolation = data_config['interpolation']
     common = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
                   distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-                  use_prefetcher=args.prefetcher)
+                  use_prefetcher=args.prefetcher, img_dtype=model_dtype or torch.float32)
     # Workers are re-created each epoch so that their seeds derive from (seed, epoch): --resume is exact.
     loader_train = create_loader(
         dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
         train_crop_mode=args.train_crop_mode, pad_crop=args.train_crop_pad, cutout=args.cutout, scale=args.scale,
         ratio=args.ratio, hflip=args.hflip,
-        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob, gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa,
+        worker_seeding=args.worker_seeding, use_multi_epochs_loader=args.use_multi_epochs_loader,
         num_aug_repeats=args.aug_repeats, num_aug_splits=args.aug_splits, interpolation=train_interpolation,
         collate_fn=collate_fn, aug_repeat_mode=args.lt_epoch, seed=args.seed, decode_once=not args.no_decode_once,
         persistent_workers=False, **common)
@@ -518,30 +688,93 @@ def _seed_epoch(args: argparse.Namespace, epoch: int) -> None:
     utils.random_seed(args.seed + 100_003 * (epoch + 1), args.rank)
 
 
+def create_optimizer_from_args(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """timm's optimizer factory with its flags, ``--opt-kwargs`` included."""
+    try:
+        return create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **(args.opt_kwargs or {}))
+    except TypeError as e:
+        raise UserError(f'--opt {args.opt} does not take these arguments ({e}); check --opt-kwargs.') from e
+
+
+def _prepare_model(args: argparse.Namespace, model: nn.Module, device: torch.device,
+                   model_dtype: Optional[torch.dtype]) -> nn.Module:
+    """timm's model setup after creation: head init, gradient checkpointing, split/sync BatchNorm, device, dtype."""
+    if args.head_init_scale is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+    if args.head_init_bias is not None:
+        nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if args.split_bn:
+        if not (args.aug_splits > 1 or args.resplit):
+            raise UserError('--split-bn needs --aug-splits > 1 or --resplit (one BatchNorm per augmentation split).')
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
+    model.to(device=device, dtype=model_dtype)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ''  # as timm: SyncBatchNorm keeps the ranks' statistics equal already
+        if args.split_bn:
+            raise UserError('--sync-bn cannot be combined with --split-bn; use one of them.')
+        if device.type == 'cpu':
+            raise UserError('--sync-bn needs GPU processes (torch\'s SyncBatchNorm does not run on the CPU); drop it, '
+                            '--dist-bn reduce (the default) averages BatchNorm statistics over the ranks each epoch.')
+        model = convert_sync_batchnorm(model)
+        if utils.is_primary(args):
+            _logger.info('Converted model to use Synchronized BatchNorm.')
+    return model
+
+
+def _init_wandb(args: argparse.Namespace, exp_name: str) -> bool:
+    """timm's optional wandb logging: ``True`` when metrics go to wandb; a warning when the package is missing."""
+    if not args.log_wandb:
+        return False
+    try:
+        import wandb
+    except ImportError:
+        _logger.warning("You've requested to log metrics to wandb but package not found. "
+                        "Metrics not being logged to wandb, try `pip install wandb`")
+        return False
+    if args.wandb_resume_id and not args.resume:
+        raise UserError('--wandb-resume-id continues a wandb run: pass the run\'s checkpoint with --resume too.')
+    wandb.init(project=args.wandb_project, name=exp_name, config=args, tags=args.wandb_tags,
+               resume='must' if args.wandb_resume_id else None, id=args.wandb_resume_id or None)
+    return True
+
+
 def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]':
     """Run a full training job; returns the final epoch's eval metrics (and best) for scripting."""
     check_args(args)
+    for module in args.device_modules or []:
+        importlib.import_module(module)
     if torch.cuda.is_available():  # as timm's train.py
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     args.aug_repeats = int(args.aug_repeats)
     args.prefetcher = not args.no_prefetcher
+    if args.grad_accum_steps < 1:
+        raise UserError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}.')
+    if args.val_interval < 1:
+        raise UserError(f'--val-interval must be >= 1, got {args.val_interval}.')
+    if args.dist_bn not in ('reduce', 'broadcast', ''):
+        raise UserError(f'--dist-bn must be "reduce", "broadcast" or "" (off), got {args.dist_bn!r}.')
+    model_dtype = resolve_model_dtype(args)
     device = _setup_device(args)
     if args.distributed:
         _logger.info(f'Training in distributed mode: process {args.rank}/{args.world_size}, device {args.device}.')
     utils.random_seed(args.seed, args.rank)
     _resolve_lr(args)
+    if args.fast_norm:
+        set_fast_norm()
 
     in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
     dataset_train, dataset_eval, class_to_idx = _load_datasets(args, in_chans)
     _resolve_num_classes(args, dataset_train)
-    model = create_model(args.model, args.num_classes, in_chans, pretrained=args.pretrained,
-                         pretrained_path=args.pretrained_path, initial_checkpoint=args.initial_checkpoint,
-                         drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp)
+    model = create_model_from_args(args, args.num_classes, in_chans, initial_checkpoint=args.initial_checkpoint)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
-    model.to(device=device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model = _prepare_model(args, model, device, model_dtype)
 
     amp_autocast, loss_scaler = suppress, None
     if args.amp:
@@ -559,13 +792,14 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
             raise UserError('--aug-splits cannot be combined with mixup/cutmix under the prefetcher; add --no-prefetcher.')
         # As timm's train.py: AugMix/JSD splits need the wrapper that returns the clean + augmented splits.
         dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
-    loader_train, loader_eval = _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, device)
+    loader_train, loader_eval = _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, device,
+                                                model_dtype)
     if mixup_active and args.aug_repeats and args.mixup_mode != 'batch' and utils.is_primary(args):
         _logger.warning(f'--mixup-mode {args.mixup_mode} mixes each replica with its own lambda; use --mixup-mode '
                         f'batch to keep replicas of an image consistently mixed.')
 
-    task = ClassificationTask(model=model, criterion=criterion, device=device, verbose=False)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    task = ClassificationTask(model=model, criterion=criterion, device=device, dtype=model_dtype, verbose=False)
+    optimizer = create_optimizer_from_args(model, args)
     resume_epoch = _resume(args, task, optimizer, loss_scaler)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
@@ -580,9 +814,10 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
         if task.has_ema():
             task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
-        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None)
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
+                                 broadcast_buffers=not args.no_ddp_bb)
 
-    updates_per_epoch = len(loader_train)
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
@@ -591,7 +826,7 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
         else:
             lr_scheduler.step(start_epoch)
 
-    saver, output_dir, lock = None, None, None
+    saver, output_dir, lock, log_wandb = None, None, None, False
     eval_metric = args.eval_metric
     try:
         if utils.is_primary(args):
@@ -610,15 +845,19 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
             if class_to_idx:
                 write_class_map(class_to_idx, output_dir)
                 args.class_to_idx = class_to_idx  # saved in every checkpoint's 'args' (not in args.yaml)
+            log_wandb = _init_wandb(args, exp_name)
+            accum = (f' x {args.grad_accum_steps} accumulated = {updates_per_epoch} optimizer steps/epoch'
+                     if args.grad_accum_steps > 1 else '')
             _logger.info(
                 f'Model {safe_model_name(args.model)} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
                 f'{len(dataset_train)} train / {len(dataset_eval)} val images, {args.num_classes} classes. '
                 f'Criterion: {describe_criterion(criterion)}. Sampler: '
                 + (f'grouped repeats m={args.aug_repeats}, mode {args.lt_epoch}, {len(loader_train)} batches/epoch'
                    if args.aug_repeats else f'plain, {len(loader_train)} batches/epoch')
-                + f'. Output: {output_dir}. Epochs {start_epoch}..{num_epochs - 1}.')
+                + f'{accum}. Output: {output_dir}. Epochs {start_epoch}..{num_epochs - 1}.')
         result = _epoch_loop(args, task, loader_train, loader_eval, optimizer, lr_scheduler, saver, output_dir,
-                             start_epoch, num_epochs, device, amp_autocast, loss_scaler, mixup_fn)
+                             start_epoch, num_epochs, device, amp_autocast, loss_scaler, mixup_fn, model_dtype,
+                             log_wandb)
     finally:
         if lock is not None:
             lock.release()
@@ -626,7 +865,8 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
 
 
 def _epoch_loop(args, task, loader_train, loader_eval, optimizer, lr_scheduler, saver, output_dir, start_epoch,
-                num_epochs, device, amp_autocast, loss_scaler, mixup_fn) -> 'OrderedDict[str, float]':
+                num_epochs, device, amp_autocast, loss_scaler, mixup_fn, model_dtype=None,
+                log_wandb=False) -> 'OrderedDict[str, float]':
     eval_metric = args.eval_metric
     best_metric, best_epoch = None, None
     eval_metrics = OrderedDict()
@@ -635,18 +875,35 @@ def _epoch_loop(args, task, loader_train, loader_eval, optimizer, lr_scheduler, 
         _seed_epoch(args, epoch)
         train_metrics = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=lr_scheduler,
-            amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, output_dir=output_dir)
+            amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, output_dir=output_dir,
+            saver=saver, model_dtype=model_dtype)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            # As timm: make the ranks' BatchNorm statistics equal (mean over ranks, or rank 0's) every epoch.
+            if utils.is_primary(args) and epoch == start_epoch:
+                _logger.info(f'Distributing BatchNorm running means and vars after every epoch (--dist-bn {args.dist_bn}).')
+            utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+            if task.has_ema() and not args.model_ema_force_cpu:
+                utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
         _check_finite_weights(task, epoch, output_dir)
-        eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast)
+        if (epoch + 1) % args.val_interval != 0 and epoch + 1 != num_epochs:
+            # As timm: no validation, summary row or checkpoint this epoch; the scheduler still steps.
+            if utils.is_primary(args):
+                _logger.info(f'Epoch {epoch}: skipping validation and checkpointing (--val-interval {args.val_interval}).')
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, None)
+            continue
+        eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast,
+                                input_dtype=model_dtype)
         if task.has_ema() and not args.model_ema_force_cpu:
-            ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast, ' (EMA)')
+            ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast, ' (EMA)',
+                                   input_dtype=model_dtype)
             eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
         if saver is not None:  # checkpoint first, then its summary row (a resumed run drops rows past its start)
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[eval_metric])
         if output_dir is not None:
             lrs = [pg['lr'] for pg in optimizer.param_groups]
             utils.update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
-                                 lr=sum(lrs) / len(lrs))
+                                 lr=sum(lrs) / len(lrs), log_wandb=log_wandb)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[eval_metric])
 

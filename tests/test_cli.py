@@ -213,11 +213,15 @@ def test_torchrun_two_processes_gloo(image_folder, tmp_path):
     p = subprocess.run(
         [PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
          str(REPO / 'train.py'), '--data-dir', str(image_folder), *RGB_FLAGS, '-b', '6', '--epochs', '1',
-         '--loss', 'losstransform', '--aug-repeats', '3', '--output', str(tmp_path), '--experiment', 'ddp'],
+         '--loss', 'losstransform', '--aug-repeats', '3', '--grad-accum-steps', '2', '--output', str(tmp_path),
+         '--experiment', 'ddp'],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout + p.stderr
     assert 'distributed mode' in out and 'process 1/2' in out
+    # timm's defaults under DDP: BatchNorm statistics reduced over ranks each epoch; accumulation syncs once per step
+    assert 'Distributing BatchNorm running means and vars after every epoch (--dist-bn reduce)' in out
+    assert 'x 2 accumulated = 1 optimizer steps/epoch' in out
     rows = read_summary(tmp_path / 'ddp' / 'summary.csv')
     assert len(rows) == 1 and float(rows[0]['train_loss_consistency']) > 0
 
