@@ -213,10 +213,13 @@ def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':
     start = time.time()
     metrics = validate(model, loader, args, device, amp_autocast, log_freq=args.log_freq, input_dtype=model_dtype)
     elapsed = time.time() - start
-    results = OrderedDict(
-        model=args.model, checkpoint=args.checkpoint, split=args.split, top1=round(metrics['top1'], 4),
-        top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6), img_per_sec=round(len(dataset) / elapsed, 2),
-        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 4), img_size=data_config['input_size'][-1])
+    results = OrderedDict(  # timm validate.py's keys, in its order, then lt-timm's
+        model=args.model, top1=round(metrics['top1'], 4), top1_err=round(100 - metrics['top1'], 4),
+        top5=round(metrics['top5'], 4), top5_err=round(100 - metrics['top5'], 4),
+        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2), img_size=data_config['input_size'][-1],
+        crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'],
+        checkpoint=args.checkpoint, split=args.split, loss=round(metrics['loss'], 6),
+        img_per_sec=round(len(dataset) / elapsed, 2))
 
     num_views = max(args.consistency, args.tta, 2 if args.plot else 0)
     if num_views:

@@ -16,6 +16,7 @@ timm builds everything else (transforms, collate, mixup collate, prefetcher, ran
 batch order is replaced. Two CIFAR-style augmentations are added on top of timm's train transform
 (:mod:`lt_timm.transforms`): ``train_crop_mode='pad'`` (pad-and-crop, ``pad_crop`` pixels) and ``cutout``.
 """
+import inspect
 import logging
 from typing import Optional
 
@@ -38,6 +39,7 @@ def create_loader(
         input_size,
         batch_size: int,
         is_training: bool = False,
+        *timm_args,
         num_aug_repeats: int = 0,
         distributed: bool = False,
         aug_repeat_mode: str = 'v1',
@@ -51,6 +53,10 @@ def create_loader(
 ):
     """Create a timm data loader; training loaders with ``num_aug_repeats > 0`` group replicas.
 
+    Positional arguments are :func:`timm.data.create_loader`'s, in its order (``timm_args`` continue after
+    ``is_training``: ``no_aug``, ``re_prob``, ...), so a call written for timm works unchanged; lt-timm's own
+    parameters are keyword-only.
+
     Args (beyond :func:`timm.data.create_loader`'s, which are all accepted and passed through):
         aug_repeat_mode: ``'v1'`` (same samples per epoch as plain training), ``'full'`` (each image m times) or
             ``'original'`` (``batch_size`` images x m replicas per step); see :mod:`lt_timm.sampler`.
@@ -62,6 +68,10 @@ def create_loader(
             transform ``m`` times (:mod:`lt_timm.decode_once`); ``False``: each replica is its own ``dataset[i]``.
             Datasets that cannot be split into read/decode + transform always load per replica (logged once).
     """
+    if timm_args:
+        kwargs = _name_timm_positionals(timm_args, kwargs)
+        num_aug_repeats = kwargs.pop('num_aug_repeats', num_aug_repeats)
+        distributed = kwargs.pop('distributed', distributed)
     pad = pad_crop if is_training and kwargs.get('train_crop_mode') == 'pad' else 0
     if pad:
         kwargs['train_crop_mode'] = None  # timm builds its random-resized crop, replaced below
@@ -117,6 +127,20 @@ def create_loader(
         return grouped
     loader.loader = grouped
     return loader
+
+
+def _name_timm_positionals(values, kwargs) -> dict:
+    """Name positional arguments after ``is_training`` by :func:`timm.data.create_loader`'s signature."""
+    names = list(inspect.signature(timm.data.create_loader).parameters)[4:]
+    if len(values) > len(names):
+        raise TypeError(f'create_loader() takes at most {len(names) + 4} positional arguments '
+                        f'({len(values) + 4} given)')
+    named = dict(kwargs)
+    for name, value in zip(names, values):
+        if name in named:
+            raise TypeError(f'create_loader() got multiple values for argument {name!r}')
+        named[name] = value
+    return named
 
 
 def _add_cifar_augmentation(dataset, is_training: bool, input_size, pad: int, cutout: int, kwargs) -> None:

@@ -75,6 +75,9 @@ def test_train_validate_checkpoint_on_real_digits(mnist_small, tmp_path):
     r = json.loads(res.read_text())
     best = max(float(row['eval_top1']) for row in rows)
     assert r['top1'] == pytest.approx(best, abs=1e-3)
+    timm_keys = ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size', 'crop_pct', 'interpolation']
+    assert list(r)[:len(timm_keys)] == timm_keys  # timm validate.py's result keys, in its order, then ours
+    assert r['top1_err'] == pytest.approx(100 - r['top1'], abs=1e-3) and r['img_size'] == 28
     assert 0 <= r['consistency_kl'] < 5 and 0 <= r['view_agreement'] <= 1 and 0 <= r['tta_top1'] <= 100
     assert (tmp_path / 'fig3.png').stat().st_size > 1000
     res_csv = tmp_path / 'val.csv'

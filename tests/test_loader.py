@@ -143,6 +143,25 @@ def test_non_repeat_path_is_timm(image_root):
             assert torch.equal(xa, xb) and torch.equal(ta, tb)
 
 
+def test_positional_arguments_follow_timms_signature(image_root):
+    """A call written for timm.data.create_loader (positional no_aug after is_training) means the same with ours;
+    lt-timm's own parameters are keyword-only."""
+    import inspect
+    root, _ = image_root
+    ours = lt_timm.create_loader(make_dataset(root), SIZE, 6, True, True, use_prefetcher=False, num_workers=0,
+                                 num_aug_repeats=3)
+    theirs = timm.data.create_loader(make_dataset(root), SIZE, 6, True, True, use_prefetcher=False, num_workers=0)
+    assert repr(ours.dataset.transform) == repr(theirs.dataset.transform)  # no_aug: resize + center crop only
+    assert 'RandomResizedCrop' not in repr(ours.dataset.transform)
+    assert isinstance(ours.batch_sampler, RepeatedAugBatchSampler)
+    params = inspect.signature(lt_timm.create_loader).parameters
+    for name in ('num_aug_repeats', 'distributed', 'aug_repeat_mode', 'seed', 'world_size', 'rank', 'pad_crop',
+                 'cutout', 'decode_once'):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+    with pytest.raises(TypeError, match='multiple values'):
+        lt_timm.create_loader(make_dataset(root), SIZE, 6, True, True, no_aug=False)
+
+
 @pytest.mark.parametrize('alphas', [(1.0, 0.0), (0.0, 1.0)], ids=['mixup', 'cutmix'])
 @pytest.mark.parametrize('batch_size', [6, 8, 10])
 def test_batch_mixup_gives_replicas_identical_targets(image_root, alphas, batch_size):
