@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent: bad data, bad checkpoints, divergence, reruns and crashes, on real files on disk."""
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -222,14 +223,23 @@ def _checkpoints(tmp_path: Path):
                                          ('list', 'holds a list, not model weights'),
                                          ('truncated', 'not a readable PyTorch file')])
 def test_bad_checkpoint_files_are_named(tmp_path, kind, needle):
-    data = make_image_folder(tmp_path / 'd')
+    """Every kind through the shared loader in-process, and through the CLIs' doors: all three for the subtle
+    truncated file, one door each (rotating) for the others (every CLI start costs seconds)."""
+    from lt_timm.modeling import load_weights
     path = _checkpoints(tmp_path)[kind]
-    for flag in ('--initial-checkpoint', '--resume'):
-        p = train(data, tmp_path / 'out', flag, path, check=False)
-        assert_clean_failure(p, str(path), needle)
-    p = run('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--checkpoint', path,
-            '--device', 'cpu', '-j', '0', check=False)
-    assert_clean_failure(p, needle)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_weights(timm.create_model('test_resnet', num_classes=3), str(path), '--model test_resnet')
+    doors = {'empty': ['--initial-checkpoint'], 'garbage': ['--resume'], 'list': ['validate'],
+             'truncated': ['--initial-checkpoint', '--resume', 'validate']}[kind]
+    data = make_image_folder(tmp_path / 'd')
+    for door in doors:
+        if door == 'validate':
+            p = run('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--checkpoint',
+                    path, '--device', 'cpu', '-j', '0', check=False)
+            assert_clean_failure(p, needle)
+        else:
+            p = train(data, tmp_path / 'out', door, path, check=False)
+            assert_clean_failure(p, str(path), needle)
 
 
 @pytest.mark.parametrize('content,needles', [
