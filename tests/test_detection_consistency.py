@@ -17,13 +17,7 @@ from lt_timm.loss import grouped_kl, log_distribution
 SIZE = 64  # padded model-input size of the synthetic batches
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than OpenMP threads competing on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # --------------------------------------------------------------------------------- the old algorithm
