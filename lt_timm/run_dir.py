@@ -15,7 +15,7 @@ from typing import Optional
 
 from .errors import UserError
 
-__all__ = ['claim_run_dir', 'RunLock', 'truncate_summary']
+__all__ = ['claim_run_dir', 'RunLock', 'truncate_summary', 'resume_hint']
 
 _logger = logging.getLogger(__name__)
 
@@ -119,3 +119,11 @@ def truncate_summary(path: str, start_epoch: int) -> None:
     with open(tmp, 'w', newline='') as f:
         csv.writer(f).writerows(kept)
     os.replace(tmp, path)
+
+
+def resume_hint(output_dir: Optional[str], epoch: int) -> str:
+    """How to go on after epoch ``epoch`` failed: resume from the run's last good checkpoint, or start again."""
+    last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
+    if last and os.path.exists(last):
+        return f'then --resume {last} (the last good state, end of epoch {epoch - 1})'
+    return 'then start again (no checkpoint was saved yet)'

@@ -40,7 +40,7 @@ from .loss import LossTransform
 from .parity import COMPUTED_KEYS, add_refused_options, check_refused
 from .modeling import all_finite, checkpoint_problem, create_model, read_checkpoint_args
 from .plots import plot_training_curves
-from .run_dir import claim_run_dir, truncate_summary
+from .run_dir import claim_run_dir, resume_hint, truncate_summary
 
 __all__ = ['build_parser', 'parse_args', 'train', 'train_one_epoch', 'validate']
 
@@ -381,12 +381,9 @@ def create_model_from_args(args: argparse.Namespace, num_classes: int, in_chans:
 
 
 def _diverged(loss_value: float, epoch: int, steps: str, output_dir: Optional[str], applied: bool) -> UserError:
-    last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
-    resume = (f'then --resume {last} (end of epoch {epoch - 1})' if last and os.path.exists(last)
-              else 'then start again (no checkpoint was saved yet)')
     what = 'nothing of this epoch was saved' if applied else 'this step was not applied'
     return UserError(f'loss is {loss_value} at epoch {epoch} {steps}: training diverged and {what}; '
-                     f'lower --lr, add --clip-grad 1.0 or drop --amp, {resume}.')
+                     f'lower --lr, add --clip-grad 1.0 or drop --amp, {resume_hint(output_dir, epoch)}.')
 
 
 def _loss_parts(criterion: nn.Module, loss: torch.Tensor) -> torch.Tensor:
@@ -667,11 +664,8 @@ def _check_finite_weights(task: ClassificationTask, epoch: int, output_dir: Opti
     models = [task.get_trainable_module()] + ([task.get_eval_model(ema=True)] if task.has_ema() else [])
     if all(all_finite(m) for m in models):
         return
-    last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
-    resume = (f'then --resume {last} (the last good state, end of epoch {epoch - 1})'
-              if last and os.path.exists(last) else 'then start again (no checkpoint was saved before this epoch)')
     raise UserError(f'training diverged in epoch {epoch}: the weights are no longer finite (NaN/inf) and were not '
-                    f'saved; lower --lr or add --clip-grad 1.0, {resume}.')
+                    f'saved; lower --lr or add --clip-grad 1.0, {resume_hint(output_dir, epoch)}.')
 
 
 def _set_sampler_epoch(loader, epoch: int) -> None:

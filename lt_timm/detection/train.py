@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from ..errors import UserError, exit_on_user_error
-from ..run_dir import claim_run_dir, truncate_summary
+from ..run_dir import claim_run_dir, resume_hint, truncate_summary
 
 __all__ = ['build_parser', 'parse_args', 'main', 'train']
 
@@ -222,11 +222,8 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer, args) -> int:
 
 
 def _diverged(what: str, epoch: int, out_dir: Optional[str]) -> UserError:
-    last = os.path.join(out_dir, 'last.pth.tar') if out_dir else None
-    resume = (f'then --resume {last} (end of epoch {epoch - 1})' if last and os.path.exists(last)
-              else 'then start again (no checkpoint was saved yet)')
     return UserError(f'{what} at epoch {epoch}: training diverged and nothing of this epoch was saved; lower --lr '
-                     f'or --clip-grad, {resume}.')
+                     f'or --clip-grad, {resume_hint(out_dir, epoch)}.')
 
 
 # ------------------------------------------------------------------------------------------ distributed
