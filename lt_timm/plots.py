@@ -37,7 +37,9 @@ def plot_training_curves(summary_csv: str, out_png: str, title: Optional[str] = 
         if key in c:
             axes[0].plot(ep, c[key], marker='o', ms=3, label=label)
     axes[0].set_xlabel('epoch'); axes[0].set_ylabel('loss'); axes[0].legend(fontsize=8)
-    for key, label in (('eval_top1', 'top-1'), ('eval_ema_top1', 'EMA top-1'), ('eval_box_AP', 'box AP'),
+    ema = 'eval_noema_top1' in c  # with --model-ema, eval_top1 is the EMA weights' (as timm)
+    for key, label in (('eval_top1', 'EMA top-1' if ema else 'top-1'), ('eval_noema_top1', 'top-1 (no EMA)'),
+                       ('eval_box_AP', 'box AP'),
                        ('eval_mask_AP', 'mask AP')):
         if key in c:
             axes[1].plot(ep, c[key], marker='o', ms=3, label=label)

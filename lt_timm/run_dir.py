@@ -5,13 +5,16 @@
   ``<folder>/last.pth.tar`` keeps writing to ``<folder>``.
 * :class:`RunLock` (``<folder>/.lock`` with the pid) stops a second process from writing the same folder while the
   first is alive; a lock left by a killed run is taken over.
+* :func:`update_summary` appends an epoch's row: timm's columns in timm's order, then lt-timm's own; rows always
+  line up with the header (a resumed run that adds columns rewrites the file with the union of columns).
 * :func:`truncate_summary` drops ``summary.csv`` rows at or after the epoch a resumed run restarts from, so rows
   and checkpoints agree after a crash at any point of an epoch's end.
 """
 import csv
 import logging
 import os
-from typing import Optional
+from collections import OrderedDict
+from typing import Mapping, Optional
 
 from .errors import UserError
 
@@ -119,6 +122,54 @@ def truncate_summary(path: str, start_epoch: int) -> None:
     with open(tmp, 'w', newline='') as f:
         csv.writer(f).writerows(kept)
     os.replace(tmp, path)
+
+
+def update_summary(epoch: int, train_metrics: Mapping[str, float], eval_metrics: Optional[Mapping[str, float]],
+                   filename: str, lr: Optional[float] = None, extra: Optional[Mapping[str, float]] = None,
+                   log_wandb: bool = False) -> None:
+    """Append one epoch's row to ``summary.csv``: first exactly the columns ``timm.utils.update_summary`` writes,
+    in its order (``epoch``, ``train_<k>``, ``eval_<k>``, ``lr``), then ``extra``'s columns (lt-timm's own, keys
+    used as they are). A header is written when the file is new or empty; with ``log_wandb`` the row goes to wandb
+    as in timm. When the file's header differs from the row's columns (a run resumed with other options), the file
+    is rewritten once with the union of columns, each value kept under its name."""
+    row = OrderedDict(epoch=epoch)
+    row.update((f'train_{k}', v) for k, v in train_metrics.items())
+    row.update((f'eval_{k}', v) for k, v in (eval_metrics or {}).items())
+    if lr is not None:
+        row['lr'] = lr
+    row.update(extra or {})
+    if log_wandb:
+        import wandb
+        wandb.log(row)
+    header = _summary_header(filename)
+    if header and header != list(row):  # e.g. resumed with --model-ema, or a file of an older lt-timm: no shifted rows
+        header = header + [k for k in row if k not in header]
+        _rewrite_summary(filename, header)
+    with open(filename, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=header or list(row), restval='')
+        if not header:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _summary_header(filename: str) -> list:
+    """The column names of an existing ``summary.csv`` ([] when it is missing or empty)."""
+    if not os.path.isfile(filename):
+        return []
+    with open(filename, newline='') as f:
+        return next(csv.reader(f), [])
+
+
+def _rewrite_summary(filename: str, header: list) -> None:
+    """Rewrite ``summary.csv`` (atomically) with the columns ``header``, keeping each value under its name."""
+    with open(filename, newline='') as f:
+        rows = list(csv.DictReader(f))
+    tmp = f'{filename}.{os.getpid()}.tmp'
+    with open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval='')
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, filename)
 
 
 def resume_hint(output_dir: Optional[str], epoch: int) -> str:

@@ -32,7 +32,8 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler
 
-from .args import add_losstransform_args, check_args, criterion_from_args, describe_criterion
+from .args import (add_losstransform_args, add_shared_options, check_args, criterion_from_args,
+                   describe_criterion)
 from .data import IMAGE_CHECKS, check_images, class_to_idx_of, load_folder_dataset, write_class_map
 from .errors import UserError
 from .loader import create_loader
@@ -40,7 +41,7 @@ from .loss import LossTransform
 from .parity import COMPUTED_KEYS, add_refused_options, check_refused
 from .modeling import all_finite, checkpoint_problem, create_model, read_checkpoint_args
 from .plots import plot_training_curves
-from .run_dir import claim_run_dir, resume_hint, truncate_summary
+from .run_dir import claim_run_dir, resume_hint, truncate_summary, update_summary
 
 __all__ = ['build_parser', 'parse_args', 'train', 'train_one_epoch', 'validate']
 
@@ -55,53 +56,35 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description='lt-timm training (timm train.py flags + LossTransform)')
 
     g = parser.add_argument_group('Dataset parameters')
-    g.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (positional is *deprecated*, use --data-dir)')
-    g.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
-    g.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>") (default: ImageFolder or ImageTar if empty)')
+    add_shared_options(g, 'data', '--data-dir', '--dataset')
     g.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
     g.add_argument('--val-split', metavar='NAME', default='validation', help='dataset validation split (default: validation)')
     g.add_argument('--train-num-samples', default=None, type=int, metavar='N', help='Manually specify num samples in train split, for IterableDatasets.')
     g.add_argument('--val-num-samples', default=None, type=int, metavar='N', help='Manually specify num samples in validation split, for IterableDatasets.')
-    g.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file (default: "")')
-    g.add_argument('--input-img-mode', default=None, type=str, help='Dataset image conversion mode for input images.')
-    g.add_argument('--dataset-download', action='store_true', default=False, help='Allow download of dataset for torch/ and tfds/ datasets that support it.')
-    g.add_argument('--input-key', default=None, type=str, help='Dataset key for input images.')
-    g.add_argument('--target-key', default=None, type=str, help='Dataset key for target labels.')
-    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False, help='Allow huggingface dataset import to execute code downloaded from the dataset\'s repo.')
+    add_shared_options(g, '--class-map', '--input-img-mode', '--dataset-download', '--input-key', '--target-key')
+    add_shared_options(g, '--dataset-trust-remote-code')
 
     g = parser.add_argument_group('Model parameters')
     g.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='Name of model to train (default: "resnet50")')
-    g.add_argument('--pretrained', action='store_true', default=False, help='Start with pretrained version of specified network (if avail)')
+    add_shared_options(g, '--pretrained')
     g.add_argument('--pretrained-path', default=None, type=str, help='Load this checkpoint as if they were the pretrained weights (with adaptation).')
     g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='Load this checkpoint into model after initialization (default: none)')
     g.add_argument('--resume', default='', type=str, metavar='PATH', help='Resume full model and optimizer state from checkpoint (default: none)')
     g.add_argument('--no-resume-opt', action='store_true', default=False, help='prevent resume of optimizer state when resuming model')
-    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes (default: from the dataset)')
-    g.add_argument('--gp', default=None, type=str, metavar='POOL', help='Global pool type, one of (fast, avg, max, avgmax, avgmaxc). Model default if None.')
-    g.add_argument('--img-size', type=int, default=None, metavar='N', help='Image size (default: None => model default)')
-    g.add_argument('--in-chans', type=int, default=None, metavar='N', help='Image input channels (default: None => 3)')
-    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N', help='Input all image dimensions (d h w, e.g. --input-size 3 224 224)')
-    g.add_argument('--crop-pct', default=None, type=float, metavar='N', help='Input image center crop percent (for validation only)')
-    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='Override mean pixel value of dataset')
-    g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='Override std deviation of dataset')
-    g.add_argument('--interpolation', default='', type=str, metavar='NAME', help='Image resize interpolation type (overrides model)')
+    add_shared_options(g, '--num-classes', '--gp', '--img-size', '--in-chans', '--input-size', '--crop-pct')
+    add_shared_options(g, '--mean', '--std', '--interpolation')
     g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='Input batch size for training (default: 128)')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N', help='Validation batch size override (default: None)')
-    g.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
+    add_shared_options(g, '--channels-last')
     g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='The number of steps to accumulate gradients (default: 1)')
     g.add_argument('--grad-checkpointing', action='store_true', default=False, help='Enable gradient checkpointing through model blocks/stages')
-    g.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs, help='model keyword arguments: key=value ...')
+    add_shared_options(g, '--fast-norm', '--model-kwargs')
     g.add_argument('--head-init-scale', default=None, type=float, help='Head initialization scale')
     g.add_argument('--head-init-bias', default=None, type=float, help='Head initialization bias value')
-    g.add_argument('--torchcompile-mode', type=str, default=None, help="torch.compile mode (default: None).")
-    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', help="Enable compilation w/ specified backend (default: inductor); compiles the model and the loss.")
+    add_shared_options(g, '--torchcompile-mode', '--torchcompile')
 
     g = parser.add_argument_group('Device parameters')
-    g.add_argument('--device', default='cuda', type=str, help='Device (accelerator) to use.')
-    g.add_argument('--amp', action='store_true', default=False, help='use mixed precision training')
-    g.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
-    g.add_argument('--model-dtype', default=None, type=str, help='Model dtype override (non-AMP) (default: float32)')
+    add_shared_options(g, '--device', '--amp', '--amp-dtype', '--model-dtype')
     g.add_argument('--no-ddp-bb', action='store_true', default=False, help='Force broadcast buffers for native DDP to off.')
     g.add_argument('--synchronize-step', action='store_true', default=False, help='torch.cuda.synchronize() end of each step')
     g.add_argument('--local_rank', default=0, type=int, help='accepted for torch.distributed.launch (the rank comes from the environment)')
@@ -201,16 +184,15 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--model-ema-warmup', action='store_true', help='Enable warmup for model EMA decay.')
 
     g = parser.add_argument_group('Miscellaneous parameters')
-    g.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    add_shared_options(g, '--seed')
     g.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
     g.add_argument('--log-interval', type=int, default=50, metavar='N', help='how many batches to wait before logging training status')
     g.add_argument('--val-interval', type=int, default=1, metavar='N', help='how many epochs between validation and checkpointing')
     g.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='how many batches to wait before writing recovery checkpoint')
     g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep (default: 10)')
-    g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='how many training processes to use (default: 4)')
+    add_shared_options(g, '-j')
     g.add_argument('--save-images', action='store_true', default=False, help='save images of input batches every log interval for debugging')
-    g.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader for more efficient transfer to GPU.')
-    g.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
+    add_shared_options(g, '--pin-mem', '--no-prefetcher')
     g.add_argument('--output', default='', type=str, metavar='PATH', help='path to output folder (default: none, current dir)')
     g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment, name of sub-folder for output')
     g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='Best metric (default: "top1")')
@@ -395,6 +377,27 @@ def _loss_parts(criterion: nn.Module, loss: torch.Tensor) -> torch.Tensor:
     return torch.stack([loss.detach().float(), base.float(), cons.float()])
 
 
+def _log_train_step(epoch: int, update_idx: int, updates_per_epoch: int, host: List[float], world_size: int,
+                    update_rows: int, update_time_m, data_time_m, optimizer) -> None:
+    """timm's training log line (``Train: epoch [update/updates (pct%)]  Loss: now (mean)  Time ...  LR ...  Data
+    ...``) plus the loss parts (``Base:``, ``Consistency:``, now and epoch mean). ``host`` = summed loss, base and
+    consistency (times rows), rows, then the last step's loss, base and consistency, summed over ``world_size``."""
+    rows = max(host[3], 1.0)
+    now = [v / world_size for v in host[4:7]]
+    mean = [v / rows for v in host[0:3]]
+    lrl = [pg['lr'] for pg in optimizer.param_groups]
+    _logger.info(
+        f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+        f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
+        f'Loss: {now[0]:#.3g} ({mean[0]:#.3g})  '
+        f'Time: {update_time_m.val:.3f}s, {update_rows / max(update_time_m.val, 1e-9):>7.2f}/s  '
+        f'({update_time_m.avg:.3f}s, {update_rows / max(update_time_m.avg, 1e-9):>7.2f}/s)  '
+        f'LR: {sum(lrl) / len(lrl):.3e}  '
+        f'Data: {data_time_m.val:.3f} ({data_time_m.avg:.3f})'
+        + ('' if math.isnan(now[2]) else
+           f'  Base: {now[1]:#.3g} ({mean[1]:#.3g})  Consistency: {now[2]:#.3g} ({mean[2]:#.3g})'))
+
+
 def train_one_epoch(
         epoch: int,
         task: ClassificationTask,
@@ -438,10 +441,14 @@ def train_one_epoch(
     last_batch_idx_to_accum = num_batches - last_accum_steps
     updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
     num_updates = epoch * updates_per_epoch
-    start = last_log = time.time()
-    samples_since_log, logged_step = 0, 0
+    start = time.time()
+    logged_step = 0
+    update_time_m, data_time_m = utils.AverageMeter(), utils.AverageMeter()
+    update_samples = 0
+    update_start = data_start = time.time()
     optimizer.zero_grad()
     for batch_idx, (input, target) in enumerate(loader):
+        data_time_m.update(time.time() - data_start)
         last_batch = batch_idx + 1 == num_batches
         need_update = last_batch or (batch_idx + 1) % accum_steps == 0
         update_idx = batch_idx // accum_steps
@@ -476,40 +483,41 @@ def train_one_epoch(
         parts = _loss_parts(criterion, loss)
         sums += parts.to(sums.dtype) * n
         samples += n
-        samples_since_log += n
+        update_samples += n
         if not need_update:
+            data_start = time.time()
             continue
         num_updates += 1
         optimizer.zero_grad()
         task.update_ema(step=num_updates)
         if args.synchronize_step and device.type == 'cuda':
             torch.cuda.synchronize()
+        update_time_m.update(time.time() - update_start)
+        update_start = time.time()
 
-        if (update_idx + 1) % args.log_interval == 0 or last_batch:
-            host = torch.cat([sums, parts.to(sums.dtype)]).tolist()  # the one sync of a log interval
+        if update_idx % args.log_interval == 0 or last_batch:
+            running = torch.cat([sums, sums.new_tensor([samples]), parts.to(sums.dtype)])
+            if args.distributed:  # as timm: the logged losses are means over ranks (the same on every rank)
+                running = _all_reduce_sum(running, device)
+            host = running.tolist()  # the one sync of a log interval
             if not math.isfinite(host[0]):
                 raise _diverged(host[0], epoch, f'between steps {logged_step} and {batch_idx} (checked every '
                                 f'--log-interval {args.log_interval} steps; --check-loss-every-step stops before the '
                                 f'step)', output_dir, applied=True)
             logged_step = batch_idx + 1
-            now = time.time()
-            rate = samples_since_log * args.world_size / max(now - last_log, 1e-9)
-            eta = (now - start) / (batch_idx + 1) * (num_batches - batch_idx - 1)
-            lr = optimizer.param_groups[0]['lr']
             if utils.is_primary(args):
-                _logger.info(
-                    f'Train: {epoch} [{update_idx + 1:>4d}/{updates_per_epoch}] loss {host[3]:.4f} '
-                    f'(base {host[4]:.4f} + consistency {host[5]:.4f}) lr {lr:.3e} '
-                    f'{rate:.1f} img/s ETA {eta:.0f}s')
+                _log_train_step(epoch, update_idx, updates_per_epoch, host, args.world_size,
+                                update_samples * args.world_size, update_time_m, data_time_m, optimizer)
                 if args.save_images and output_dir:
                     import torchvision.utils
                     torchvision.utils.save_image(input.float(), os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
                                                  padding=0, normalize=True)
-            last_log, samples_since_log = now, 0
+        update_samples = 0
         if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
             saver.save_recovery(epoch, batch_idx=update_idx)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
+        data_start = time.time()
 
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
@@ -534,16 +542,32 @@ def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.cpu().double()
 
 
+def _log_eval_batch(name: str, batch_idx: int, num_batches: Optional[int], batch_time_m, now: torch.Tensor,
+                    sums: torch.Tensor) -> None:
+    """timm's validation log line: ``Test: [batch/last]  Time: ...  Loss: ...  Acc@1: ...  Acc@5: ...`` (this batch,
+    then the running mean)."""
+    cur, avg = (now[:3] / max(now[3].item(), 1.0)).tolist(), (sums[:3] / max(sums[3].item(), 1.0)).tolist()
+    _logger.info(
+        f'{name}: [{batch_idx:>4d}/{num_batches - 1 if num_batches else "?"}]  '
+        f'Time: {batch_time_m.val:.3f} ({batch_time_m.avg:.3f})  '
+        f'Loss: {cur[0]:>7.3f} ({avg[0]:>6.4f})  '
+        f'Acc@1: {cur[1]:>7.3f} ({avg[1]:>7.3f})  '
+        f'Acc@5: {cur[2]:>7.3f} ({avg[2]:>7.3f})')
+
+
 @torch.no_grad()
 def validate(model: nn.Module, loader, args: argparse.Namespace, device: torch.device,
              amp_autocast=suppress, log_suffix: str = '', log_freq: int = 0,
              input_dtype: Optional[torch.dtype] = None) -> 'OrderedDict[str, float]':
-    """Top-1/top-5 accuracy (%) and CE loss over ``loader`` (timm's validation semantics); ``log_freq``: log the
-    running accuracy every that many batches (validate.py's ``--log-freq``)."""
+    """Top-1/top-5 accuracy (%) and CE loss over ``loader`` (timm's validation semantics); ``log_freq``: log
+    timm's per-batch line at batch 0, every ``log_freq`` batches and the last (train.py: ``--log-interval``,
+    validate.py: ``--log-freq``)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss()
     sums = torch.zeros(4, dtype=torch.float64)  # loss*n, top1*n, top5*n, n
     num_batches = len(loader) if hasattr(loader, '__len__') else None
+    batch_time_m = utils.AverageMeter()
+    end = time.time()
     for batch_idx, (input, target) in enumerate(loader):
         if not args.prefetcher:
             input, target = input.to(device=device, dtype=input_dtype), target.to(device)
@@ -557,17 +581,20 @@ def validate(model: nn.Module, loader, args: argparse.Namespace, device: torch.d
         k = min(5, output.shape[-1])
         acc1, acc5 = utils.accuracy(output, target, topk=(1, k))
         n = input.shape[0]
-        sums += torch.tensor([loss.item() * n, acc1.item() * n, acc5.item() * n, n], dtype=torch.float64)
-        if log_freq and (batch_idx + 1) % log_freq == 0 and utils.is_primary(args):
-            seen = max(sums[3].item(), 1.0)
-            _logger.info(f'Test{log_suffix}: [{batch_idx + 1:>4d}/{num_batches or "?"}] loss {sums[0].item() / seen:.4f} '
-                         f'top1 {sums[1].item() / seen:.3f} top5 {sums[2].item() / seen:.3f}')
+        now = torch.tensor([loss.item() * n, acc1.item() * n, acc5.item() * n, n], dtype=torch.float64)
+        sums += now
+        batch_time_m.update(time.time() - end)
+        end = time.time()
+        last = num_batches is not None and batch_idx + 1 == num_batches
+        if log_freq and (last or batch_idx % log_freq == 0) and utils.is_primary(args):
+            _log_eval_batch(f'Test{log_suffix}', batch_idx, num_batches, batch_time_m, now, sums)
     if args.distributed:
         sums = _all_reduce_sum(sums, device)
     n = max(sums[3].item(), 1.0)
     metrics = OrderedDict([('loss', sums[0].item() / n), ('top1', sums[1].item() / n), ('top5', sums[2].item() / n)])
     if utils.is_primary(args):
-        _logger.info(f'Test{log_suffix}: loss {metrics["loss"]:.4f} top1 {metrics["top1"]:.3f} top5 {metrics["top5"]:.3f}')
+        _logger.info(f' * Acc@1 {metrics["top1"]:.3f} ({100 - metrics["top1"]:.3f}) Acc@5 {metrics["top5"]:.3f} '
+                     f'({100 - metrics["top5"]:.3f}){log_suffix}')  # timm validate.py's closing line
     return metrics
 
 
@@ -887,17 +914,21 @@ def _epoch_loop(args, task, loader_train, loader_eval, optimizer, lr_scheduler, 
                 lr_scheduler.step(epoch + 1, None)
             continue
         eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast,
-                                input_dtype=model_dtype)
+                                input_dtype=model_dtype, log_freq=args.log_interval)
+        extra = OrderedDict((f'train_{k}', v) for k, v in train_metrics.items() if k != 'loss')
         if task.has_ema() and not args.model_ema_force_cpu:
-            ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast, ' (EMA)',
-                                   input_dtype=model_dtype)
-            eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+            # As timm: with EMA, the eval metrics (summary's eval_*, best checkpoint, plateau scheduler) are the
+            # EMA weights'; the plain weights' are kept as eval_noema_*.
+            extra.update((f'eval_noema_{k}', v) for k, v in eval_metrics.items())
+            eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast, ' (EMA)',
+                                    input_dtype=model_dtype, log_freq=args.log_interval)
         if saver is not None:  # checkpoint first, then its summary row (a resumed run drops rows past its start)
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[eval_metric])
         if output_dir is not None:
             lrs = [pg['lr'] for pg in optimizer.param_groups]
-            utils.update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
-                                 lr=sum(lrs) / len(lrs), log_wandb=log_wandb)
+            update_summary(epoch, OrderedDict(loss=train_metrics['loss']), eval_metrics,
+                           os.path.join(output_dir, 'summary.csv'), lr=sum(lrs) / len(lrs), extra=extra,
+                           log_wandb=log_wandb)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[eval_metric])
 

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -46,10 +47,21 @@ def assert_clean_failure(p, *needles):
 
 def test_train_validate_checkpoint_on_real_digits(mnist_small, tmp_path):
     out = tmp_path / 'out'
-    run('train.py', '--data-dir', mnist_small, *MNIST_FLAGS, '-b', '24', '--epochs', '8', '--lr', '0.1',
-        '--warmup-epochs', '0', '--smoothing', '0', '--hflip', '0', '--scale', '0.7', '1.0',
-        '--loss', 'losstransform', '--aug-repeats', '3', '--output', out, '--experiment', 'lt')
+    p = run('train.py', '--data-dir', mnist_small, *MNIST_FLAGS, '-b', '24', '--epochs', '8', '--lr', '0.1',
+            '--warmup-epochs', '0', '--smoothing', '0', '--hflip', '0', '--scale', '0.7', '1.0',
+            '--loss', 'losstransform', '--aug-repeats', '3', '--output', out, '--experiment', 'lt')
     run_dir = out / 'lt'
+    # timm's summary columns in timm's order, ours appended
+    assert (run_dir / 'summary.csv').read_text().splitlines()[0].split(',') == [
+        'epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr',
+        'train_loss_base', 'train_loss_consistency', 'train_epoch_s', 'train_img_s']
+    # timm's training log line, then the loss parts; its epoch mean is the summary's
+    last = re.findall(r'Train: 7 \[\s*(\d+)/(\d+) \(\s*\d+%\)\]  Loss: (\S+) \((\S+)\)  Time: \S+s, +\S+/s  '
+                      r'\(\S+s, +\S+/s\)  LR: \S+  Data: \S+ \(\S+\)  Base: (\S+) \((\S+)\)  '
+                      r'Consistency: (\S+) \((\S+)\)', p.stdout + p.stderr)
+    assert last and last[0][0] == '0' and int(last[-1][0]) + 1 == int(last[-1][1]), (p.stdout + p.stderr)[-3000:]
+    now, mean, base_now, base_mean, cons_now, cons_mean = map(float, last[-1][2:])
+    assert now == pytest.approx(base_now + cons_now, rel=2e-2) and mean == pytest.approx(base_mean + cons_mean, rel=2e-2)
     for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar'):
         assert (run_dir / name).exists(), name
     assert not (run_dir / 'tmp.pth.tar').exists()
@@ -60,6 +72,7 @@ def test_train_validate_checkpoint_on_real_digits(mnist_small, tmp_path):
         assert cons > 0
         assert total == pytest.approx(base + 1.0 * cons, rel=1e-4)  # rho = 1
         assert float(r['train_img_s']) > 0 and float(r['train_epoch_s']) > 0
+    assert mean == pytest.approx(float(rows[-1]['train_loss']), rel=5e-3)
     # It learned: 3 real digit classes, well above chance (33 %).
     assert max(float(r['eval_top1']) for r in rows) > 70.0
 
@@ -144,7 +157,7 @@ def test_killed_run_resumes_exactly(image_folder, tmp_path):
     for row in straight:
         e = int(row['epoch'])
         if e > done:
-            for key in ('train_loss', 'train_loss_consistency', 'eval_loss', 'eval_top1', 'eval_ema_loss', 'lr'):
+            for key in ('train_loss', 'train_loss_consistency', 'eval_loss', 'eval_top1', 'eval_noema_loss', 'lr'):
                 assert float(resumed[e][key]) == pytest.approx(float(row[key]), rel=1e-4, abs=1e-6), (e, key)
 
 

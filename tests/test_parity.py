@@ -278,6 +278,24 @@ def test_train_cli_accumulation_val_interval_recovery_wandb(tmp_path):
             '--checkpoint', run_dir / 'last.pth.tar', '--device', 'cpu', '-j', '0', '-b', '8', '--use-ema',
             '--model-kwargs', 'stem_width=16', '--log-freq', '1', '--test-pool', '--reparam',
             '--results-file', res, '--results-format', 'json')
-    assert 'Test: [   2/3]' in p.stdout + p.stderr
+    assert 'Test: [   2/2]' in p.stdout + p.stderr and ' * Acc@1 ' in p.stdout + p.stderr
     r = json.loads(res.read_text())
-    assert r['top1'] == pytest.approx(float(rows[-1]['eval_ema_top1']), abs=1e-3)
+    assert r['top1'] == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-3)
+
+
+def test_options_common_to_train_and_validate_are_defined_once():
+    """One parser source: every supported option that timm's train.py and validate.py define alike (same flags,
+    default, type, nargs, action) comes from lt_timm.args.SHARED_OPTIONS, and both our parsers build it the same."""
+    from lt_timm.args import SHARED_OPTIONS
+    from lt_timm.training import build_parser
+    tr = {o['dest']: o for o in timm_options()['train']}
+    va = {o['dest']: o for o in timm_options()['validate']}
+    alike = {d for d in tr if d in va and tr[d] == va[d]}
+    supported = {d for d in alike if PARITY['train'][d][0] == 'supported' and PARITY['validate'][d][0] == 'supported'}
+    shared = {(kw.get('dest') or flags[-1].lstrip('-').replace('-', '_')) for flags, kw in SHARED_OPTIONS.values()}
+    assert shared == supported, (sorted(supported - shared), sorted(shared - supported))
+    train_actions = {a.dest: a for a in build_parser()[1]._actions}
+    val_actions = {a.dest: a for a in build_validate_parser()._actions}
+    fields = ('option_strings', 'default', 'type', 'nargs', 'const', 'choices', 'help', 'metavar')
+    for d in supported:
+        assert [getattr(train_actions[d], f) for f in fields] == [getattr(val_actions[d], f) for f in fields], d

@@ -190,6 +190,26 @@ def test_lock_held_by_a_live_process_refuses_a_second_writer(tmp_path):
     assert [int(r['epoch']) for r in read_summary(out / 'r' / 'summary.csv')] == [0, 1, 2]
 
 
+def test_summary_rows_are_timms_then_ours_and_stay_aligned(tmp_path):
+    """update_summary writes timm's columns exactly as timm.utils.update_summary does, then ours; a row with other
+    columns (a run resumed with --model-ema) rewrites the file so that every value stays under its name."""
+    from timm.utils import update_summary as timm_update_summary
+    from lt_timm.run_dir import update_summary
+    ours, theirs = tmp_path / 'ours.csv', tmp_path / 'timm.csv'
+    train, evals = {'loss': 1.5}, {'loss': 0.9, 'top1': 61.0, 'top5': 90.0}
+    update_summary(0, train, evals, str(ours), lr=0.1, extra={'train_loss_base': 1.2})
+    timm_update_summary(0, train, evals, str(theirs), lr=0.1, write_header=True)
+    timm_rows, our_rows = theirs.read_text().splitlines(), ours.read_text().splitlines()
+    assert our_rows[0] == timm_rows[0] + ',train_loss_base' and our_rows[1] == timm_rows[1] + ',1.2'
+    update_summary(1, train, evals, str(ours), lr=0.05, extra={'train_loss_base': 1.1, 'eval_noema_top1': 59.0})
+    update_summary(2, train, evals, str(ours), lr=0.01, extra={'train_loss_base': 1.0})
+    rows = read_summary(ours)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2'] and [r['lr'] for r in rows] == ['0.1', '0.05', '0.01']
+    assert [r['train_loss_base'] for r in rows] == ['1.2', '1.1', '1.0']
+    assert [r['eval_noema_top1'] for r in rows] == ['', '59.0', '']
+    assert all(None not in r for r in rows)  # no value without a column
+
+
 def test_resume_drops_summary_rows_past_the_checkpoint(tmp_path):
     """A kill between the checkpoint and its summary row (or the reverse) never leaves an epoch twice."""
     data = make_image_folder(tmp_path / 'd')
