@@ -58,8 +58,8 @@ PARITY: Dict[str, Dict[str, Tuple[str, str]]] = {
         'torchscript': (R, _TS),
         'device': (S, 'falls back to the CPU with a warning when CUDA is missing'), 'amp': (S, ''),
         'amp_dtype': (S, ''), 'model_dtype': (S, 'not with --amp, as in timm'), 'no_ddp_bb': (S, ''),
-        'synchronize_step': (S, ''), 'local_rank': (S, 'accepted for torch.distributed.launch; the rank comes from '
-                                                       'the environment, as in timm'),
+        'synchronize_step': (S, 'torch.cuda.synchronize() after each optimizer step on CUDA; no effect on CPU'),
+        'local_rank': (S, 'accepted for torch.distributed.launch; the rank comes from the environment, as in timm'),
         'device_modules': (S, ''),
         'opt': (S, ''), 'opt_eps': (S, ''), 'opt_betas': (S, ''), 'momentum': (S, ''), 'weight_decay': (S, ''),
         'clip_grad': (S, ''), 'clip_mode': (S, ''), 'layer_decay': (S, ''), 'layer_decay_min_scale': (S, ''),
