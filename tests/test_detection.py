@@ -342,7 +342,7 @@ def test_timm_fpn_backbone():
         out = m([torch.rand(3, 64, 64)])
     assert 'boxes' in out[0]
     with pytest.raises(ValueError, match='--model'):
-        build_detector('retinanet', 'resnet18')
+        build_detector('ssd', 'resnet18')
     # narrow RoI heads for CPU runs
     m = build_detector('maskrcnn', 'resnet18', 2, min_size=64, max_size=64, fpn_channels=16,
                        mask_head_channels=8, box_head_dim=24)

@@ -4,17 +4,23 @@
     to the ground-truth instance they belong to, in the *source* frame, and instances the augmentation cut
     out (visible-area fraction below a threshold) are dropped — see :func:`assign_to_gt` and
     :func:`gt_instance_groups`.
-(b) Annotation-free: greedy matching of inverse-mapped boxes across replicas by IoU — :func:`greedy_match`.
+(b) Annotation-free, the paper's instance matching (``--lt-match predicted``): predicted boxes, mapped back to
+    the source frame, are clustered across the replicas of one image by greedy IoU matching —
+    :func:`greedy_match` (one image, a list of replicas) and :func:`greedy_match_rows` (all images of a batch at
+    once, on the device; what :class:`~lt_timm.detection.consistency.InstanceLossTransform` uses). The matching
+    is vectorised and exact (same result as the sequential greedy loop, see :func:`greedy_match_rows`).
 
-Both return *group ids*: rows with the same id are one physical instance seen by different replicas, which
-is exactly the ``groups`` argument of :func:`lt_timm.loss.grouped_kl`.
+Both give *group ids*: rows with the same id are one physical instance seen by different replicas, which is
+exactly the ``groups`` argument of :func:`lt_timm.loss.grouped_kl`. :func:`cluster_mean_boxes` gives each
+cluster's anchor box (the mean of its matched boxes).
 """
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torchvision.ops import box_iou
 
-__all__ = ['assign_to_gt', 'gt_instance_groups', 'greedy_match', 'compact_groups']
+__all__ = ['assign_to_gt', 'gt_instance_groups', 'greedy_match', 'greedy_match_rows', 'cluster_mean_boxes',
+           'compact_groups']
 
 
 def assign_to_gt(
@@ -76,45 +82,125 @@ def gt_instance_groups(
     return keep, groups, g
 
 
+def greedy_match_rows(
+        boxes: torch.Tensor, scores: torch.Tensor, replica: torch.Tensor, image: Optional[torch.Tensor] = None,
+        iou_threshold: float = 0.5,
+) -> torch.Tensor:
+    """Greedy cross-replica matching of all boxes of a batch at once, vectorised; returns each row's anchor row.
+
+    This is the matching step of the paper's instance-level LossTransform without annotations: the boxes are
+    predictions already mapped to their source image's frame. Semantics (those of :func:`greedy_match`, exactly):
+    within each source image (``image``), boxes are visited in decreasing ``scores`` (ties: row order); a box joins
+    the existing cluster whose *anchor* (the cluster's first, highest-scoring box) it overlaps most, provided the
+    IoU is ``>= iou_threshold`` and the cluster holds no box of the same ``replica`` yet (ties: the earliest
+    cluster); otherwise it starts a cluster of its own.
+
+    Exact vectorised formulation: with the rows in visiting order, the decision of row ``k`` is a function ``F_k``
+    of the decisions of rows ``< k`` only. The state (each row's anchor) starts as "every row is an anchor" and one
+    *sweep* applies every ``F_k`` at once on the device: ``(n, n)`` masks of allowed (anchor, row) pairs (same image,
+    earlier, IoU >= threshold), of current anchors and of clusters already holding a row of the row's replica
+    before it (a ``scatter_reduce`` of first positions per (replica, cluster)), then a max-IoU pick. After sweep
+    ``s`` the first ``s`` rows are final (induction), and a state that a sweep leaves unchanged is the sequential
+    result (its rows satisfy ``x_k = F_k(x_<k)`` in order); so the loop stops at the first unchanged sweep, after
+    at most ``n + 1`` sweeps.
+
+    Cost: one ``(n, n)`` IoU matrix (``n`` = boxes of the batch), ``O(n^2)`` work and one host synchronisation per
+    sweep; the number of sweeps is the longest chain of dependent decisions + 1: 1-7 on random scenes with
+    hundreds of boxes, 15-90 in pathological clutter (200-600 overlapping boxes on 2-5 objects). No Python
+    loop over boxes.
+
+    Args:
+        boxes: ``(n, 4)`` xyxy boxes in the source frame.
+        scores: ``(n,)`` visiting priority (higher first).
+        replica: ``(n,)`` integer id of the replica each box comes from (any integers).
+        image: ``(n,)`` integer id of the source image (boxes of different images never match); None = one image.
+        iou_threshold: minimal IoU with a cluster's anchor to join it.
+    Returns:
+        ``(n,)`` long: the row index of each box's cluster anchor (an anchor points to itself).
+    """
+    n = boxes.shape[0]
+    device = boxes.device
+    if n == 0:
+        return torch.zeros((0,), dtype=torch.long, device=device)
+    order = torch.sort(scores.detach().reshape(-1).float(), descending=True, stable=True).indices
+    b = boxes.detach().reshape(-1, 4).float()[order]
+    _, rep = torch.unique(replica.reshape(-1)[order], return_inverse=True)
+    num_rep = int(rep.max()) + 1
+    pos = torch.arange(n, device=device)
+    iou = box_iou(b, b)
+    allowed = (iou >= iou_threshold) & (pos.view(1, -1) < pos.view(-1, 1))  # [k, a]: k may join a cluster of a
+    if image is not None:
+        im = image.reshape(-1)[order]
+        allowed &= im.view(-1, 1) == im.view(1, -1)
+    anchor = pos.clone()  # position (in visiting order) of each row's cluster anchor
+    for _ in range(n + 1):
+        new = _greedy_sweep(anchor, rep, pos, iou, allowed, num_rep)
+        if torch.equal(new, anchor):
+            break
+        anchor = new
+    out = torch.empty_like(anchor)
+    out[order] = order[anchor]
+    return out
+
+
+def _greedy_sweep(anchor: torch.Tensor, rep: torch.Tensor, pos: torch.Tensor, iou: torch.Tensor,
+                  allowed: torch.Tensor, num_rep: int) -> torch.Tensor:
+    """One parallel application of every row's greedy decision to the current state (rows in visiting order)."""
+    n = pos.shape[0]
+    is_anchor = anchor == pos
+    first = torch.full((num_rep * n,), n, dtype=torch.long, device=pos.device)
+    first = first.scatter_reduce(0, rep * n + anchor, pos, reduce='amin', include_self=True).view(num_rep, n)
+    taken = first[rep] < pos.view(-1, 1)  # [k, a]: cluster a already holds a row of k's replica before k
+    cand = allowed & is_anchor.view(1, -1) & ~taken
+    v = torch.where(cand, iou, iou.new_full((), -1.0))
+    best = v.max(dim=1, keepdim=True).values
+    pick = torch.where(cand & (v == best), pos.view(1, -1), pos.new_full((), n)).min(dim=1).values  # earliest tie
+    return torch.where(cand.any(dim=1), pick, pos)
+
+
 def greedy_match(
         boxes: Sequence[torch.Tensor], scores: Optional[Sequence[torch.Tensor]] = None,
         iou_threshold: float = 0.5,
 ) -> List[torch.Tensor]:
     """Annotation-free matching of source-frame boxes across the replicas of one image.
 
-    Boxes are visited in decreasing score order (replica order, then row order, when ``scores`` is None).
-    Each box joins the existing cluster whose *first* box (its anchor) it overlaps most, provided that the
-    IoU is at least ``iou_threshold`` and the cluster holds no box of the same replica yet; otherwise it
-    starts a new cluster. Returns, for each replica, ``(N_r,)`` cluster ids (every box gets one; a cluster of
-    a single box contributes nothing to a consistency term).
+    Boxes are visited in decreasing score order (replica order, then row order, when ``scores`` is None or
+    tied). Each box joins the existing cluster whose *first* box (its anchor) it overlaps most, provided that the
+    IoU is at least ``iou_threshold`` (compared in float32, the IoU's dtype) and the cluster holds no box of the same
+    replica yet (IoU ties: the earliest cluster); otherwise it starts a new cluster. Returns, for each replica,
+    ``(N_r,)`` cluster ids numbered ``0, 1, ...`` in the order the clusters were started (every box gets one; a
+    cluster of a single box contributes nothing to a consistency term), on the boxes' device. Vectorised, exact:
+    :func:`greedy_match_rows` (this replaces the former per-box Python loop, with the same results).
     """
-    m = len(boxes)
+    counts = [int(b.shape[0]) for b in boxes]
+    device = boxes[0].device if len(boxes) else torch.device('cpu')
+    n = sum(counts)
+    if n == 0:
+        return [torch.zeros((c,), dtype=torch.long, device=device) for c in counts]
+    allb = torch.cat([b.detach().float().reshape(-1, 4).to(device) for b in boxes])
     if scores is None:
-        scores = [torch.zeros(b.shape[0]) for b in boxes]
-    rows = [(r, i) for r in range(m) for i in range(boxes[r].shape[0])]
-    out = [torch.full((b.shape[0],), -1, dtype=torch.long) for b in boxes]
-    if not rows:
-        return out
-    allb = torch.cat([b.detach().float().reshape(-1, 4) for b in boxes])
-    alls = torch.cat([s.detach().float().reshape(-1) for s in scores])
-    order = sorted(range(len(rows)), key=lambda k: (-float(alls[k]), k))  # stable: ties keep input order
-    iou = box_iou(allb, allb)
-    anchors: List[int] = []  # flat row index of each cluster's anchor
-    members: List[set] = []  # replicas present in each cluster
-    for k in order:
-        r, i = rows[k]
-        best, best_c = iou_threshold, -1
-        for c, a in enumerate(anchors):
-            if r in members[c]:
-                continue
-            v = float(iou[k, a])
-            if v >= best and (best_c < 0 or v > best):
-                best, best_c = v, c
-        if best_c < 0:
-            anchors.append(k)
-            members.append({r})
-            best_c = len(anchors) - 1
-        else:
-            members[best_c].add(r)
-        out[r][i] = best_c
-    return out
+        alls = torch.zeros(n, device=device)
+    else:
+        alls = torch.cat([s.detach().float().reshape(-1).to(device) for s in scores])
+    rep = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    anchor = greedy_match_rows(allb, alls, rep, iou_threshold=iou_threshold)
+    # clusters numbered in the order they were started = their anchor's rank in the visiting order
+    order = torch.sort(alls, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=device)
+    ids = torch.unique(rank[anchor], return_inverse=True)[1]
+    return list(ids.split(counts))
+
+
+def cluster_mean_boxes(boxes: torch.Tensor, groups: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                       num_groups: Optional[int] = None) -> torch.Tensor:
+    """Each row's cluster anchor box: the (``weight``-masked) mean of the boxes of its group, ``(n, 4)``.
+
+    ``groups`` are ids in ``[0, num_groups)`` (e.g. anchor rows from :func:`greedy_match_rows`); rows with
+    ``weight`` False are left out of the means (their own entry is still the mean of their group, 0 if empty)."""
+    n = boxes.shape[0]
+    num_groups = n if num_groups is None else int(num_groups)
+    w = boxes.new_ones(n) if weight is None else weight.to(boxes.dtype)
+    sums = boxes.new_zeros((num_groups, 4)).index_add(0, groups, boxes * w.view(-1, 1))
+    counts = boxes.new_zeros(num_groups).index_add(0, groups, w).clamp_min(1)
+    return (sums / counts.view(-1, 1))[groups]

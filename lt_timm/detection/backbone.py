@@ -6,6 +6,10 @@ max-pool ``'pool'`` level, exposing ``out_channels`` as torchvision's ``FasterRC
 Names prefixed ``tv_`` use torchvision's own backbones: ``tv_resnet50`` / ``tv_resnet18`` (...),
 ``tv_mobilenet_v3_large``, ``tv_shufflenet_v2_x1_0`` (timm has no ShuffleNet).
 
+``extra='p6p7'`` builds the RetinaNet variant (as torchvision's ``retinanet_resnet50_fpn_v2``): strides 8/16/32
+(timm; ResNet layers 2-4) and two extra stride-2 convolutions P6, P7 on the FPN's last output
+(``torchvision.ops.feature_pyramid_network.LastLevelP6P7``). ``build_detector('retinanet', ...)`` uses it.
+
 Weights are loaded only with ``pretrained=True`` (never in tests). With pretrained weights BatchNorm is
 frozen (detection batches are tiny); from scratch it stays trainable.
 """
@@ -15,18 +19,30 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-__all__ = ['TimmFPNBackbone', 'build_backbone', 'build_detector', 'DETECTOR_MODELS']
+__all__ = ['TimmFPNBackbone', 'build_backbone', 'build_detector', 'build_retinanet', 'extra_fpn_block',
+           'DETECTOR_MODELS', 'EXTRA_LEVELS']
 
-DETECTOR_MODELS = ('maskrcnn', 'fasterrcnn')
+DETECTOR_MODELS = ('maskrcnn', 'fasterrcnn', 'retinanet')
+EXTRA_LEVELS = ('pool', 'p6p7')  # R-CNN: a max-pool level; RetinaNet: P6 and P7 convolutions
+
+
+def extra_fpn_block(extra: str, channels: int) -> nn.Module:
+    """The FPN's extra levels: ``'pool'`` (one max-pooled level, Faster/Mask R-CNN) or ``'p6p7'`` (RetinaNet)."""
+    if extra == 'pool':
+        return LastLevelMaxPool()
+    if extra == 'p6p7':
+        return LastLevelP6P7(channels, channels)
+    raise ValueError(f'extra FPN levels must be one of {EXTRA_LEVELS}, got {extra!r}.')
 
 
 class TimmFPNBackbone(nn.Module):
-    """timm ``features_only`` model -> FPN. Output: ``OrderedDict`` '0'..'k-1' + 'pool', ``out_channels`` each."""
+    """timm ``features_only`` model -> FPN. Output: ``OrderedDict`` '0'..'k-1' + 'pool' (``extra='pool'``) or
+    + 'p6', 'p7' (``extra='p6p7'``), ``out_channels`` each."""
 
     def __init__(self, model_name: str, out_channels: int = 256, pretrained: bool = False,
-                 strides: Tuple[int, ...] = (4, 8, 16, 32), **kwargs):
+                 strides: Tuple[int, ...] = (4, 8, 16, 32), extra: str = 'pool', **kwargs):
         super().__init__()
         import timm
         probe = timm.create_model(model_name, features_only=True, pretrained=False, **kwargs)
@@ -41,32 +57,37 @@ class TimmFPNBackbone(nn.Module):
             from timm.utils.model import freeze_batch_norm_2d
             self.body = freeze_batch_norm_2d(self.body)
         in_channels = self.body.feature_info.channels()
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_fpn_block(extra, out_channels))
         self.out_channels = out_channels
         self.num_levels = len(in_channels)
+        self.num_extra = 2 if extra == 'p6p7' else 1
 
     def forward(self, x: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
         feats = self.body(x)
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
-def _tv_backbone(name: str, pretrained: bool) -> nn.Module:
+def _tv_backbone(name: str, pretrained: bool, extra: str = 'pool') -> nn.Module:
     from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone, mobilenet_backbone
     from torchvision.ops import misc
     norm = misc.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     if name.startswith('resnet') or name.startswith('resnext') or name.startswith('wide_resnet'):
         import torchvision.models as tvm
         weights = tvm.get_model_weights(name).DEFAULT if pretrained else None
+        layers = [1, 2, 3, 4] if extra == 'pool' else [2, 3, 4]
         bb = resnet_fpn_backbone(backbone_name=name, weights=weights, norm_layer=norm,
-                                 trainable_layers=3 if pretrained else 5)
-        bb.num_levels = 4
+                                 trainable_layers=3 if pretrained else 5, returned_layers=layers,
+                                 extra_blocks=extra_fpn_block(extra, 256))
+        bb.num_levels = len(layers)
+        bb.num_extra = 2 if extra == 'p6p7' else 1
         return bb
     if name in ('mobilenet_v3_large', 'mobilenet_v3_small'):
         import torchvision.models as tvm
         weights = tvm.get_model_weights(name).DEFAULT if pretrained else None
         bb = mobilenet_backbone(backbone_name=name, weights=weights, fpn=True, norm_layer=norm,
-                                trainable_layers=3 if pretrained else 6)
-        bb.num_levels = 2  # torchvision returns the last two stages (+ 'pool')
+                                trainable_layers=3 if pretrained else 6, extra_blocks=extra_fpn_block(extra, 256))
+        bb.num_levels = 2  # torchvision returns the last two stages (+ the extra levels)
+        bb.num_extra = 2 if extra == 'p6p7' else 1
         return bb
     if name.startswith('shufflenet_v2'):
         import torchvision.models as tvm
@@ -82,18 +103,24 @@ def _tv_backbone(name: str, pretrained: bool) -> nn.Module:
                 chans.append(x.shape[1])
             body.train()
         bb = BackboneWithFPN(body, {'stage2': '0', 'stage3': '1', 'stage4': '2'}, chans, 256,
-                             extra_blocks=LastLevelMaxPool())
+                             extra_blocks=extra_fpn_block(extra, 256))
         bb.num_levels = 3
+        bb.num_extra = 2 if extra == 'p6p7' else 1
         return bb
     raise ValueError(f'unknown torchvision backbone tv_{name}; use tv_resnet50, tv_mobilenet_v3_large, '
                      f'tv_shufflenet_v2_x1_0 or a timm model name.')
 
 
-def build_backbone(name: str, pretrained: bool = False, out_channels: int = 256) -> nn.Module:
-    """``name``: a timm model name, or ``tv_<torchvision name>``."""
+def build_backbone(name: str, pretrained: bool = False, out_channels: int = 256, extra: str = 'pool') -> nn.Module:
+    """``name``: a timm model name, or ``tv_<torchvision name>``. ``extra``: ``'pool'`` (Faster/Mask R-CNN) or
+    ``'p6p7'`` (RetinaNet: strides 8/16/32 + P6, P7). The result has ``out_channels``, ``num_levels`` (backbone
+    levels, the RoI pooling levels of the R-CNNs) and ``num_extra`` (extra FPN levels after them)."""
+    if extra not in EXTRA_LEVELS:
+        raise ValueError(f'extra FPN levels must be one of {EXTRA_LEVELS}, got {extra!r}.')
     if name.startswith('tv_'):
-        return _tv_backbone(name[3:], pretrained)
-    return TimmFPNBackbone(name, out_channels=out_channels, pretrained=pretrained)
+        return _tv_backbone(name[3:], pretrained, extra)
+    strides = (4, 8, 16, 32) if extra == 'pool' else (8, 16, 32)
+    return TimmFPNBackbone(name, out_channels=out_channels, pretrained=pretrained, strides=strides, extra=extra)
 
 
 def build_detector(
@@ -101,7 +128,8 @@ def build_detector(
         min_size: int = 800, max_size: int = 1333, anchor_sizes: Optional[List[int]] = None,
         fpn_channels: int = 256, mask_head_channels: int = 256, box_head_dim: int = 1024, **kwargs,
 ) -> nn.Module:
-    """torchvision ``MaskRCNN``/``FasterRCNN`` on :func:`build_backbone`, anchors matched to the FPN levels.
+    """torchvision ``MaskRCNN``/``FasterRCNN``/``RetinaNet`` on :func:`build_backbone`, anchors matched to the FPN
+    levels.
 
     ``anchor_sizes``: one size per pyramid level (finest first, incl. 'pool'); default 32, 64, ..., 512 scaled by
     ``max_size / 1333`` and floored at 8, so reduced-resolution training keeps sensible anchors (backbones with
@@ -111,11 +139,20 @@ def build_detector(
     (e.g. ``rpn_post_nms_top_n_train``, ``box_batch_size_per_image``).
     ``mask_head_channels`` (4 convs + deconv, torchvision default 256) and ``box_head_dim`` (TwoMLPHead width,
     default 1024) shrink the RoI heads for CPU runs; the defaults build torchvision's standard heads.
+
+    ``model='retinanet'``: torchvision's ``RetinaNet`` (P6 from P5 as in ``retinanet_resnet50_fpn_v2``, v1 head) on the
+    ``extra='p6p7'`` backbone (P3-P7 for timm and ResNet backbones), three octave scales ``s, s 2^(1/3), s 2^(2/3)``
+    x three aspect ratios per location with the base sizes above (or ``anchor_sizes``), the model's own score
+    threshold / NMS / top-k; ``kwargs`` go to ``RetinaNet`` (e.g. ``detections_per_img``);
+    ``mask_head_channels`` and ``box_head_dim`` do not apply.
     """
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     if model not in DETECTOR_MODELS:
         raise ValueError(f'--model must be one of {DETECTOR_MODELS}, got {model!r}.')
+    if model == 'retinanet':
+        return build_retinanet(backbone, num_classes, pretrained, min_size, max_size, anchor_sizes, fpn_channels,
+                               **kwargs)
     bb = build_backbone(backbone, pretrained=pretrained, out_channels=fpn_channels)
     n = bb.num_levels + 1  # + 'pool'
     if anchor_sizes is None:
@@ -147,3 +184,23 @@ def build_detector(
             common['mask_predictor'] = MaskRCNNPredictor(c, c, num_classes)
         return MaskRCNN(bb, mask_roi_pool=mask_pool, **common)
     return FasterRCNN(bb, **common)
+
+
+def build_retinanet(backbone: str, num_classes: int, pretrained: bool = False, min_size: int = 800,
+                    max_size: int = 1333, anchor_sizes: Optional[List[int]] = None, fpn_channels: int = 256,
+                    **kwargs) -> nn.Module:
+    """torchvision ``RetinaNet`` on ``build_backbone(backbone, extra='p6p7')``; see :func:`build_detector`."""
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    bb = build_backbone(backbone, pretrained=pretrained, out_channels=fpn_channels, extra='p6p7')
+    n = bb.num_levels + bb.num_extra
+    if anchor_sizes is None:
+        f = max_size / 1333.0
+        bases = [max(8, int(round(32 * (2 ** i) * f))) for i in range(n)]
+    else:
+        if len(anchor_sizes) != n:
+            raise ValueError(f'need {n} anchor sizes (one per RetinaNet FPN level of {backbone}), got {anchor_sizes}.')
+        bases = [int(s) for s in anchor_sizes]
+    sizes = tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in bases)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * n)
+    return RetinaNet(bb, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, **kwargs)

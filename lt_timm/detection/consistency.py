@@ -1,4 +1,4 @@
-"""Instance-level LossTransform for torchvision's ``FasterRCNN`` / ``MaskRCNN`` (models unchanged).
+"""Instance-level LossTransform for torchvision's ``FasterRCNN`` / ``MaskRCNN`` / ``RetinaNet`` (models unchanged).
 
 Design
 ------
@@ -7,12 +7,17 @@ A training batch holds ``m`` consecutive replicas of each source image (:mod:`lt
 replica's target carries ``instance_ids`` (index of the instance in the source annotation) and ``visible``
 (visible-area fraction after cropping).
 
-:class:`InstanceLossTransform` runs torchvision's own training path from the model's public submodules
-(``transform`` -> ``backbone`` -> ``rpn`` -> ``roi_heads``), which yields the usual loss dict, and keeps the
-FPN features. For the consistency term it uses *annotation-based alignment* (the paper's ``Resort(p|y)``):
-for every ground-truth instance ``j`` of a source image, every replica that still sees it (``visible >=
-min_visible``) gives an instance prediction by running the model's own RoI heads on RoI-aligned features of
-*its* version of the GT box. Rows belonging to the same (image, instance) form a group, and
+:class:`InstanceLossTransform` runs the model's own training path from its public submodules (R-CNN:
+``transform`` -> ``backbone`` -> ``rpn`` -> ``roi_heads``; RetinaNet: ``transform`` -> ``backbone`` -> ``head`` ->
+``compute_loss``), which yields the usual loss dict, keeps the FPN features, and adds
+``loss_consistency = rho * (class + box_weight * box + mask_weight * mask)``. The paper's instance-level
+LossTransform pulls the predictions that the ``m`` replicas make for one physical instance to their consensus;
+two ways of finding "one instance" are built (``match``, ``--lt-match``):
+
+``match='gt'`` — *annotation-based alignment* (the paper's ``Resort(p|y)``; Faster/Mask R-CNN only). For every
+ground-truth instance ``j`` of a source image, every replica that still sees it (``visible >= min_visible``)
+gives one row by running the model's own RoI heads on RoI-aligned features of *its* version of the GT box. Rows
+of the same (image, instance) form a group, and
 
 * class term: ``mean_rows KL(pbar || p_row)`` of the box classifier's softmax, via
   :func:`lt_timm.loss.grouped_kl` (pbar = mean distribution of the group);
@@ -25,24 +30,57 @@ min_visible``) gives an instance prediction by running the model's own RoI heads
 
 Box and mask terms use only replicas in which the instance is *fully* visible (a cropped box's regression
 target is the visible part, which is not comparable across replicas); the class term uses every replica with
-``visible >= min_visible``. Groups of one row contribute nothing and are not counted in the means.
+``visible >= min_visible``. It costs one extra RoI-head pass over the GT boxes only (a handful of RoIs per
+image), no extra backbone pass.
 
-``loss_consistency = rho * (class + box_weight * box + mask_weight * mask)`` is added to torchvision's loss
-dict. It costs one extra RoI-head pass over the GT boxes only (a handful of RoIs per image), no extra backbone
-pass. Empty images, degenerate boxes (dropped before torchvision sees them) and replicas that lost every
-instance give a zero term and a finite loss. With ``rho = 0`` the term is only measured (no gradient).
+``match='predicted'`` — the paper's *instance matching* on the model's own predictions (no annotations used by
+the term; Faster/Mask R-CNN and RetinaNet). Each replica's detections are computed under ``no_grad`` from the
+same forward (R-CNN: the box head on this step's RPN proposals + torchvision's ``postprocess_detections``;
+RetinaNet: :func:`retinanet_detections`, torchvision's post-processing keeping each detection's anchor index;
+both with the model's own score threshold, NMS and ``detections_per_img`` cap), mapped to the source frame with
+the replica's geometry, and clustered across the replicas of each source image by the vectorised greedy matching
+:func:`~lt_timm.detection.align.greedy_match_rows` (score order, IoU >= ``match_iou`` with the cluster's first
+box, at most one box per replica per cluster). Clusters of one box are left alone. For the boxes of clusters of
+two or more:
+
+* class term: R-CNN — the RoI heads run *with* gradients on each replica's matched box (its own frame), and
+  the softmax KL to the cluster consensus is taken as in ``gt`` mode; RetinaNet — the class logits of the
+  detection's own anchor (with gradients) are per-class sigmoids, so the distribution is one Bernoulli per class
+  (``log_distribution(..., 'bernoulli')``) and the KL to the cluster's consensus is *summed over classes*, as the
+  classification LossTransform does for sigmoid/BCE models;
+* box term: the regressed box (R-CNN: of the cluster's class = the label of its highest-scoring box, decoded around
+  the matched box; RetinaNet: the detection's anchor regression, i.e. the detection itself with gradients),
+  clipped to the image, mapped to the normalised source frame and pulled with smooth-L1 to the cluster's *anchor
+  box*, the mean of its matched (no-grad) source-frame detection boxes — a fixed target;
+* mask term (Mask R-CNN): as in ``gt`` mode, on the matched boxes, with the cluster's class.
+
+Box and mask terms leave out boxes that touch a canvas edge which the replica's crop cut through (their box is
+the visible part only; the ``gt`` mode's "fully visible" rule without annotations); the anchor box is the mean
+over the remaining boxes. Extra cost: one no-grad box-head pass over the RPN proposals (R-CNN; as in an eval
+forward), the matching (``O(n^2)`` in the detections of the batch) and one RoI-head pass with gradients over the
+matched boxes. Before any prediction is good there may be no (matched) detection: the term is then exactly 0.
+
+Both modes: groups of one row contribute nothing and are not counted in the means; empty images, degenerate boxes
+(dropped before torchvision sees them) and replicas that lost every instance give a zero term and a finite loss;
+with ``rho = 0`` the term is only measured (no gradient).
 """
-from typing import Dict, List, Optional, Sequence
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from ..layout import replica_groups
 from ..loss import grouped_kl, log_distribution
+from .align import cluster_mean_boxes, greedy_match_rows
 from .transforms import ReplicaParams, identity_params
 
-__all__ = ['InstanceLossTransform', 'sanitize_targets']
+__all__ = ['InstanceLossTransform', 'sanitize_targets', 'is_retinanet', 'rcnn_detections', 'retinanet_detections',
+           'source_boxes', 'canvas_cut', 'clip_to_input', 'replica_geometry', 'MATCH_MODES']
+
+MATCH_MODES = ('gt', 'predicted')
 
 
 def sanitize_targets(targets: List[Dict[str, torch.Tensor]], min_size: float = 1e-3) -> List[Dict[str, torch.Tensor]]:
@@ -73,29 +111,144 @@ def _first_member(member: torch.Tensor) -> torch.Tensor:
     return member.to(torch.uint8).argmax(dim=1)
 
 
+def is_retinanet(model: nn.Module) -> bool:
+    """A torchvision ``RetinaNet`` (one-stage: no RoI heads, only ``match='predicted'`` applies)."""
+    from torchvision.models.detection import RetinaNet
+    return isinstance(model, RetinaNet)
+
+
+# ------------------------------------------------------------------------------------------- geometry
+def replica_geometry(image_sizes, original_sizes, replica_params, device) -> torch.Tensor:
+    """``(B, 21)`` float32 per replica: model-input/replica scale (4), translation (4), augmentation scale (4),
+    source ``(W, H, W, H)`` (4), flip (1), replica canvas ``(W, H)`` (2), model input ``(W, H)`` (2). Built on the
+    host from Python numbers (``image_sizes``: torchvision's model-input sizes, ``original_sizes``: the replicas'),
+    copied once. Index it with each row's replica to get the ``geo`` rows of :func:`source_boxes` & co."""
+    rows = []
+    for (h0, w0), (h1, w1), p in zip(original_sizes, image_sizes, replica_params):
+        sh, sw = p.src_size
+        rows.append([w1 / w0, h1 / h0, w1 / w0, h1 / h0, p.tx, p.ty, p.tx, p.ty, p.sx, p.sy, p.sx, p.sy,
+                     sw, sh, sw, sh, float(bool(p.flip)), w0, h0, w1, h1])
+    return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def source_boxes(boxes: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
+    """Model-input-frame xyxy boxes -> source-image frame (pixels), one :func:`replica_geometry` row per box:
+    undo torchvision's resize, then :func:`~lt_timm.detection.transforms.invert_boxes` (translation, scale, flip),
+    vectorised and differentiable."""
+    bx = (boxes / geo[:, 0:4] - geo[:, 4:8]) / geo[:, 8:12]  # model input -> replica -> un-flipped source
+    src_w = geo[:, 12:13]
+    unflipped = torch.cat([src_w - bx[:, 2:3], bx[:, 1:2], src_w - bx[:, 0:1], bx[:, 3:4]], dim=1)
+    return torch.where(geo[:, 16:17] > 0, unflipped, bx)
+
+
+def canvas_cut(boxes: torch.Tensor, geo: torch.Tensor, tol: float = 0.5) -> torch.Tensor:
+    """``(n,)`` bool: the model-input-frame box touches (within ``tol`` replica pixels) an edge of its replica's
+    canvas *through which the crop cut the source image* — its box is only the visible part of the instance."""
+    r = boxes / geo[:, 0:4]  # replica frame
+    tx, ty, sw, sh = geo[:, 4], geo[:, 5], geo[:, 8] * geo[:, 12], geo[:, 9] * geo[:, 13]
+    ow, oh = geo[:, 17], geo[:, 18]
+    return (((tx < 0) & (r[:, 0] <= tol)) | ((ty < 0) & (r[:, 1] <= tol))
+            | ((tx + sw > ow) & (r[:, 2] >= ow - tol)) | ((ty + sh > oh) & (r[:, 3] >= oh - tol)))
+
+
+def clip_to_input(boxes: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
+    """Clip model-input-frame boxes to their own model-input image (``geo`` columns 19-20), differentiably."""
+    size = geo[:, 19:21].repeat(1, 2)
+    return torch.minimum(boxes.clamp_min(0.0), size)
+
+
+# ----------------------------------------------------------------------------------------- detections
+def rcnn_detections(heads: nn.Module, features, proposals: List[torch.Tensor], image_sizes
+                    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """Faster/Mask R-CNN detections of a training forward, without gradients: torchvision's box head on the RPN's
+    proposals and its own ``postprocess_detections`` (the model's ``score_thresh``, ``nms_thresh`` and
+    ``detections_per_img``). Returns per-image boxes (model-input frame), scores, labels."""
+    with torch.no_grad():
+        x = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_regression = heads.box_predictor(x)
+        return heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+
+
+def anchors_per_level(features: List[torch.Tensor], head_outputs: Dict[str, torch.Tensor]) -> List[int]:
+    """Number of RetinaNet anchors on each feature level (as ``RetinaNet.forward`` computes it)."""
+    hw = [int(f.shape[-2] * f.shape[-1]) for f in features]
+    a = int(head_outputs['cls_logits'].shape[1]) // sum(hw)
+    return [v * a for v in hw]
+
+
+def retinanet_detections(model: nn.Module, head_outputs: Dict[str, torch.Tensor], anchors: List[torch.Tensor],
+                         level_sizes: Sequence[int], image_sizes
+                         ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """torchvision ``RetinaNet.postprocess_detections`` (per level: sigmoid scores above ``score_thresh``, the
+    ``topk_candidates`` best, decoded with the model's ``box_coder`` and clipped; then class-wise NMS at
+    ``nms_thresh``, ``detections_per_img`` kept), without gradients, also returning each detection's anchor
+    index (into the image's concatenated anchors). Returns per-image boxes, scores, labels, anchor indices."""
+    out_boxes, out_scores, out_labels, out_idx = [], [], [], []
+    with torch.no_grad():
+        cls_all, reg_all = head_outputs['cls_logits'], head_outputs['bbox_regression']
+        for i, shape in enumerate(image_sizes):
+            boxes, scores, labels, idxs = [], [], [], []
+            start = 0
+            for count in level_sizes:
+                logits = cls_all[i, start:start + count]
+                num_classes = logits.shape[-1]
+                s = torch.sigmoid(logits).flatten()
+                keep = s > model.score_thresh
+                flat = torch.where(keep)[0]
+                s, top = s[keep].topk(min(int(model.topk_candidates), int(flat.numel())))
+                flat = flat[top]
+                a = torch.div(flat, num_classes, rounding_mode='floor')
+                level = slice(start, start + count)
+                b = model.box_coder.decode_single(reg_all[i, level][a], anchors[i][level][a])
+                boxes.append(clip_boxes_to_image(b, shape))
+                scores.append(s)
+                labels.append(flat % num_classes)
+                idxs.append(a + start)
+                start += count
+            boxes, scores, labels, idxs = torch.cat(boxes), torch.cat(scores), torch.cat(labels), torch.cat(idxs)
+            keep = batched_nms(boxes, scores, labels, model.nms_thresh)[:model.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+            out_idx.append(idxs[keep])
+    return out_boxes, out_scores, out_labels, out_idx
+
+
 class InstanceLossTransform(nn.Module):
-    """Wrap a torchvision ``FasterRCNN``/``MaskRCNN``: training forward returns its loss dict +
-    ``loss_consistency``; eval forward returns the model's detections unchanged.
+    """Wrap a torchvision ``FasterRCNN``/``MaskRCNN``/``RetinaNet``: training forward returns its loss dict +
+    ``loss_consistency`` (the paper's instance-level LossTransform); eval forward returns the model's detections
+    unchanged.
 
     Args:
-        model: a torchvision ``GeneralizedRCNN`` (``FasterRCNN``, ``MaskRCNN``).
+        model: a torchvision ``GeneralizedRCNN`` (``FasterRCNN``, ``MaskRCNN``) or ``RetinaNet``.
         num_repeats: replicas per source image ``m`` (consecutive in the batch).
         rho: weight of the consistency term (0 = plain multi-task loss, term still measured for logging).
         box_weight, mask_weight: weights of the box and mask terms inside the consistency.
-        min_visible: replicas where an instance's visible fraction is below this are left out of its group.
+        min_visible: (``gt``) replicas where an instance's visible fraction is below this are left out of its group.
         box_beta: smooth-L1 beta for the (image-size normalised) box term.
-        detach_consensus: stop gradients through the consensus.
+        detach_consensus: stop gradients through the class/box/mask consensus (the ``predicted`` box anchor is
+            always a fixed target).
+        match: ``'gt'`` (instances = annotated instances, R-CNN only) or ``'predicted'`` (instances = the model's
+            detections matched across replicas; see the module docstring).
+        match_iou: (``predicted``) IoU a detection needs with a cluster's first box to join it.
     After each training call ``last_parts`` holds the detached class/box/mask terms and group counts.
     """
 
     def __init__(self, model: nn.Module, num_repeats: int, rho: float = 1.0, box_weight: float = 1.0,
                  mask_weight: float = 1.0, min_visible: float = 0.5, box_beta: float = 0.02,
-                 detach_consensus: bool = False):
+                 detach_consensus: bool = False, match: str = 'gt', match_iou: float = 0.5):
         super().__init__()
         if not isinstance(num_repeats, int) or num_repeats < 1:
             raise ValueError(f'num_repeats must be an integer >= 1 (--aug-repeats), got {num_repeats!r}.')
         if not rho >= 0:
             raise ValueError(f'rho must be >= 0 (--lt-rho), got {rho!r}.')
+        if match not in MATCH_MODES:
+            raise ValueError(f'match must be one of {MATCH_MODES} (--lt-match), got {match!r}.')
+        if not 0.0 < match_iou <= 1.0:
+            raise ValueError(f'match_iou must be in (0, 1] (--lt-match-iou), got {match_iou!r}.')
+        if match == 'gt' and is_retinanet(model):
+            raise ValueError("RetinaNet has no RoI heads to evaluate ground-truth instances: use match='predicted' "
+                             "(--lt-match predicted).")
         self.model = model
         self.num_repeats = num_repeats
         self.rho = float(rho)
@@ -104,11 +257,14 @@ class InstanceLossTransform(nn.Module):
         self.min_visible = float(min_visible)
         self.box_beta = float(box_beta)
         self.detach_consensus = detach_consensus
+        self.match = match
+        self.match_iou = float(match_iou)
         self.last_parts_tensors: Dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return (f'num_repeats={self.num_repeats}, rho={self.rho}, box_weight={self.box_weight}, '
-                f'mask_weight={self.mask_weight}, min_visible={self.min_visible}')
+                f'mask_weight={self.mask_weight}, min_visible={self.min_visible}, match={self.match!r}, '
+                f'match_iou={self.match_iou}')
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None,
@@ -117,29 +273,59 @@ class InstanceLossTransform(nn.Module):
             return self.model(images)
         if targets is None or len(targets) != len(images):
             raise ValueError('InstanceLossTransform in training mode needs one target dict per image.')
-        model = self.model
         targets = sanitize_targets(targets)
         original_sizes = [tuple(int(s) for s in img.shape[-2:]) for img in images]
         if replica_params is None:
             replica_params = [identity_params(s) for s in original_sizes]
         if len(replica_params) != len(images):
             raise ValueError(f'{len(replica_params)} replica_params for {len(images)} images.')
+        if is_retinanet(self.model):
+            return self.forward_retinanet(images, targets, original_sizes, replica_params)
+        model = self.model
         image_list, tgts = model.transform(images, targets)
         features = model.backbone(image_list.tensors)
         if isinstance(features, torch.Tensor):
-            from collections import OrderedDict
             features = OrderedDict([('0', features)])
         proposals, rpn_losses = model.rpn(image_list, features, tgts)
         _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, tgts)
         losses = dict(det_losses)
         losses.update(rpn_losses)
+        if self.match == 'gt':
+            def term():
+                return self.consistency(features, image_list.image_sizes, original_sizes, tgts, replica_params)
+        else:
+            def term():
+                return self.predicted_consistency(features, proposals, image_list.image_sizes, original_sizes,
+                                                  replica_params)
+        return self._add_consistency(losses, term, image_list.tensors)
+
+    def forward_retinanet(self, images, targets, original_sizes, replica_params) -> Dict[str, torch.Tensor]:
+        """RetinaNet's training path (``transform`` -> ``backbone`` -> ``head`` -> ``compute_loss``) + the
+        ``predicted`` consistency from the same head outputs. Masks in the targets are dropped (unused)."""
+        model = self.model
+        targets = [{k: v for k, v in t.items() if k != 'masks'} for t in targets]
+        image_list, tgts = model.transform(images, targets)
+        features = model.backbone(image_list.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([('0', features)])
+        feats = list(features.values())
+        head_outputs = model.head(feats)
+        anchors = model.anchor_generator(image_list, feats)
+        losses = dict(model.compute_loss(tgts, head_outputs, anchors))
+
+        def term():
+            return self.retinanet_consistency(head_outputs, anchors, anchors_per_level(feats, head_outputs),
+                                              image_list.image_sizes, original_sizes, replica_params)
+        return self._add_consistency(losses, term, image_list.tensors)
+
+    def _add_consistency(self, losses: Dict[str, torch.Tensor], term: Callable[[], torch.Tensor],
+                         like: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.rho > 0:
-            cons = self.consistency(features, image_list.image_sizes, original_sizes, tgts, replica_params)
-            losses['loss_consistency'] = self.rho * cons
+            losses['loss_consistency'] = self.rho * term()
         else:
             with torch.no_grad():
-                self.consistency(features, image_list.image_sizes, original_sizes, tgts, replica_params)
-            losses['loss_consistency'] = image_list.tensors.new_zeros(())
+                term()
+            losses['loss_consistency'] = like.new_zeros(())
         return losses
 
     # -------------------------------------------------------------------------------------- consistency
@@ -153,8 +339,13 @@ class InstanceLossTransform(nn.Module):
         vals = torch.stack([t['cls'].float(), t['box'].float(), t['mask'].float(), t['groups'].float()]).tolist()
         return {'cls': vals[0], 'box': vals[1], 'mask': vals[2], 'groups': int(vals[3])}
 
+    def _reset_parts(self, like: torch.Tensor) -> None:
+        nothing = like.new_zeros((), dtype=torch.float32)
+        self.last_parts_tensors = {'cls': nothing, 'box': nothing, 'mask': nothing,
+                                   'groups': torch.zeros((), dtype=torch.long, device=like.device)}
+
     def consistency(self, features, image_sizes, original_sizes, targets, replica_params) -> torch.Tensor:
-        """The unweighted consistency term (class + box_weight*box + mask_weight*mask).
+        """The unweighted ``gt``-mode consistency term (class + box_weight*box + mask_weight*mask).
 
         Vectorised over all GT rows of the batch: the (image, instance) groups come from an ``(n, n)`` comparison
         of row keys on the device (each group is named by its first row; rows left out of a term form groups of
@@ -168,9 +359,7 @@ class InstanceLossTransform(nn.Module):
         zero = sum(f.sum() for f in features.values()) * 0.0  # keeps the graph connected, exactly 0
         counts = [int(t['boxes'].shape[0]) for t in targets]
         n = sum(counts)
-        nothing = first.new_zeros((), dtype=torch.float32)
-        self.last_parts_tensors = {'cls': nothing, 'box': nothing, 'mask': nothing,
-                                   'groups': torch.zeros((), dtype=torch.long, device=device)}
+        self._reset_parts(first)
         if n == 0:
             return zero
         rep = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(counts, device=device),
@@ -208,13 +397,10 @@ class InstanceLossTransform(nn.Module):
         fsel = fm & (fcount >= 2)
         fgid = torch.where(fsel, _first_member(fmember), arange)
         n_full = fsel.sum().clamp_min(1)
-        geo = self._geometry(image_sizes, original_sizes, replica_params, device)[rep]
+        geo = replica_geometry(image_sizes, original_sizes, replica_params, device)[rep]
         if self.box_weight > 0:
             pred = heads.box_coder.decode(box_regression, [all_boxes]).reshape(n, -1, 4)[arange, labels].float()
-            bx = (pred / geo[:, 0:4] - geo[:, 4:8]) / geo[:, 8:12]  # model input -> replica -> un-flipped source
-            src_w = geo[:, 12:13]
-            unflipped = torch.cat([src_w - bx[:, 2:3], bx[:, 1:2], src_w - bx[:, 0:1], bx[:, 3:4]], dim=1)
-            bx = torch.where(geo[:, 16:17] > 0, unflipped, bx)
+            bx = source_boxes(pred, geo)
             src = torch.where(fsel.view(-1, 1), bx / geo[:, 12:16], bx.new_zeros(()))  # normalised source frame
             mean = src.new_zeros((n, 4)).index_add(0, fgid, src) / torch.bincount(
                 fgid, minlength=n).to(src.dtype).clamp_min(1).view(-1, 1)
@@ -235,13 +421,109 @@ class InstanceLossTransform(nn.Module):
             parts['mask'] = mask_term.detach()
         return total + zero
 
-    @staticmethod
-    def _geometry(image_sizes, original_sizes, replica_params, device) -> torch.Tensor:
-        """``(B, 17)`` float32 per replica: model-input/replica scale (4), translation (4), augmentation scale (4),
-        source ``(W, H, W, H)`` (4), flip (1). Built on the host from Python numbers, copied once."""
-        rows = []
-        for (h0, w0), (h1, w1), p in zip(original_sizes, image_sizes, replica_params):
-            sh, sw = p.src_size
-            rows.append([w1 / w0, h1 / h0, w1 / w0, h1 / h0, p.tx, p.ty, p.tx, p.ty, p.sx, p.sy, p.sx, p.sy,
-                         sw, sh, sw, sh, float(bool(p.flip))])
-        return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+    # -------------------------------------------------------------------------- predicted (matched) mode
+    def predicted_consistency(self, features, proposals, image_sizes, original_sizes, replica_params) -> torch.Tensor:
+        """The unweighted ``predicted``-mode term for Faster/Mask R-CNN (see the module docstring): detections from
+        this step's proposals (no grad), matched across replicas, then the RoI heads with gradients on each
+        replica's matched boxes."""
+        heads = self.model.roi_heads
+        first = next(iter(features.values()))
+        zero = sum(f.sum() for f in features.values()) * 0.0  # keeps the graph connected, exactly 0
+        self._reset_parts(first)
+        boxes, scores, labels = rcnn_detections(heads, features, proposals, image_sizes)
+        c = self._clusters(boxes, scores, labels, image_sizes, original_sizes, replica_params)
+        if c is None:
+            return zero
+        k = c['det'].shape[0]
+        rows = torch.arange(k, device=first.device)
+        rois = list(c['det'].split(c['per_replica']))
+        class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, rois,
+                                                                                              image_sizes)))
+        src = None
+        if self.box_weight > 0:
+            pred = heads.box_coder.decode(box_regression, [c['det']]).reshape(k, -1, 4)[rows, c['label']].float()
+            src = source_boxes(clip_to_input(pred, c['geo']), c['geo']) / c['geo'][:, 12:16]
+        mlogits = None
+        if self.mask_weight > 0 and getattr(heads, 'mask_roi_pool', None) is not None:
+            mx = heads.mask_head(heads.mask_roi_pool(features, rois, image_sizes))
+            mlogits = heads.mask_predictor(mx)[rows, c['label']]  # (k, S, S)
+            mlogits = torch.where(c['geo'][:, 16].view(-1, 1, 1) > 0, mlogits.flip(-1), mlogits)
+        return self._matched_terms(log_distribution(class_logits, 'softmax'), src, mlogits, c) + zero
+
+    def retinanet_consistency(self, head_outputs, anchors, level_sizes, image_sizes, original_sizes,
+                              replica_params) -> torch.Tensor:
+        """The unweighted ``predicted``-mode term for RetinaNet: detections with their anchor indices (no grad),
+        matched across replicas; the class logits and box regression of each matched detection's anchor (with
+        gradients) give a per-class Bernoulli KL (summed over classes) and the box term."""
+        cls_logits, bbox_regression = head_outputs['cls_logits'], head_outputs['bbox_regression']
+        zero = cls_logits.sum() * 0.0 + bbox_regression.sum() * 0.0  # keeps the graph connected, exactly 0
+        self._reset_parts(cls_logits)
+        boxes, scores, labels, anchor_idx = retinanet_detections(self.model, head_outputs, anchors, level_sizes,
+                                                                 image_sizes)
+        c = self._clusters(boxes, scores, labels, image_sizes, original_sizes, replica_params)
+        if c is None:
+            return zero
+        r, a = c['rep'], torch.cat(anchor_idx)[c['index']]
+        src = None
+        if self.box_weight > 0:
+            pred = self.model.box_coder.decode_single(bbox_regression[r, a], torch.stack(anchors)[r, a]).float()
+            src = source_boxes(clip_to_input(pred, c['geo']), c['geo']) / c['geo'][:, 12:16]
+        return self._matched_terms(log_distribution(cls_logits[r, a], 'bernoulli'), src, None, c) + zero
+
+    def _clusters(self, boxes, scores, labels, image_sizes, original_sizes, replica_params) -> Optional[Dict]:
+        """Match the batch's detections (per replica, model-input frame) across the replicas of each source image.
+
+        Returns None when no cluster holds two boxes, else the rows in clusters of >= 2 (in replica order):
+        ``det`` (model-input boxes), ``rep``, ``label`` (of the cluster's highest-scoring box), ``gid`` (cluster =
+        its anchor row, in ``[0, n)``), ``fsel`` (rows of the box/mask terms: not cut by the canvas, in clusters
+        with >= 2 of them), ``target`` (the cluster's anchor box: mean normalised source-frame box of its ``fsel``
+        rows), ``geo``, ``index`` (into the flattened detections), ``n`` and ``per_replica`` (row counts)."""
+        b = len(boxes)
+        counts = [int(x.shape[0]) for x in boxes]
+        n = sum(counts)
+        if n == 0:
+            return None
+        device = boxes[0].device
+        det = torch.cat(boxes).float()
+        rep = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(counts, device=device),
+                                      output_size=n)
+        geo = replica_geometry(image_sizes, original_sizes, replica_params, device)[rep]
+        src = source_boxes(det, geo)
+        image = replica_groups(b, self.num_repeats, device=device)[rep]
+        anchor = greedy_match_rows(src, torch.cat(scores), rep, image, self.match_iou)
+        arange = torch.arange(n, device=device)
+        multi = torch.bincount(anchor, minlength=n)[anchor] >= 2
+        self.last_parts_tensors['groups'] = (multi & (anchor == arange)).sum()
+        whole = multi & ~canvas_cut(det, geo)
+        fsel = whole & (torch.zeros(n, device=device).index_add(0, anchor, whole.float())[anchor] >= 2)
+        target = cluster_mean_boxes(src / geo[:, 12:16], anchor, weight=fsel, num_groups=n)
+        index = torch.nonzero(multi).squeeze(1)
+        if index.numel() == 0:
+            return None
+        return {'det': det[index], 'rep': rep[index], 'label': torch.cat(labels).long()[anchor[index]],
+                'gid': anchor[index], 'fsel': fsel[index], 'target': target[index], 'geo': geo[index],
+                'index': index, 'n': n, 'per_replica': torch.bincount(rep[index], minlength=b).tolist()}
+
+    def _matched_terms(self, logp: torch.Tensor, src: Optional[torch.Tensor], mlogits: Optional[torch.Tensor],
+                       c: Dict) -> torch.Tensor:
+        """class KL to the cluster consensus (mean over rows) + box smooth-L1 to the anchor box and per-pixel mask
+        KL (means over the ``fsel`` rows), each weighted; records ``last_parts_tensors``."""
+        k, n, gid, fsel = logp.shape[0], c['n'], c['gid'], c['fsel']
+        parts = self.last_parts_tensors
+        cls_term = grouped_kl(logp, gid, self.detach_consensus, num_groups=n).sum() / k
+        total = cls_term
+        parts['cls'] = cls_term.detach()
+        n_full = fsel.sum().clamp_min(1)
+        if src is not None:
+            per_row = F.smooth_l1_loss(src, c['target'], beta=self.box_beta, reduction='none').sum(dim=1)
+            box_term = torch.where(fsel, per_row, per_row.new_zeros(())).sum() / n_full
+            total = total + self.box_weight * box_term
+            parts['box'] = box_term.detach()
+        if mlogits is not None:
+            fgid = torch.where(fsel, gid, n + torch.arange(k, device=gid.device))  # others: groups of their own
+            mkl = grouped_kl(log_distribution(mlogits, 'bernoulli'), fgid, self.detach_consensus, num_groups=n + k)
+            mask_term = torch.where(fsel, mkl, mkl.new_zeros(())).sum() / n_full / float(
+                mlogits.shape[-1] * mlogits.shape[-2])
+            total = total + self.mask_weight * mask_term
+            parts['mask'] = mask_term.detach()
+        return total

@@ -1,4 +1,4 @@
-"""Training loop behind ``train_detection.py``: torchvision Mask/Faster R-CNN with l_multi or T(l_multi).
+"""Training loop behind ``train_detection.py``: torchvision Mask/Faster R-CNN or RetinaNet with l_multi or T(l_multi).
 
 Same conventions as the classification ``train.py`` (:mod:`lt_timm.training`): a ``-c/--config`` YAML whose keys
 are argument dest names (the command line still wins), dashed flags, ``logging`` (timm's default setup), user
@@ -21,11 +21,13 @@ import yaml
 from ..errors import UserError, exit_on_user_error
 from ..run_dir import claim_run_dir, resume_hint, truncate_summary
 
-__all__ = ['build_parser', 'parse_args', 'main', 'train']
+__all__ = ['build_parser', 'parse_args', 'main', 'train', 'check_match_args', 'detector_options']
 
 _logger = logging.getLogger('train_detection')
 
 LOSSES = ('multi', 'losstransform')
+MODELS = ('maskrcnn', 'fasterrcnn', 'retinanet')
+MATCH_MODES = ('gt', 'predicted')  # lt_timm.detection.consistency.MATCH_MODES (not imported: keeps --help light)
 DATASETS = ('pennfudan', 'coco')
 DET_EPOCH_MODES = ('v1', 'full')
 
@@ -34,7 +36,8 @@ def build_parser():
     config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
     config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                                help='YAML config file specifying default arguments')
-    p = argparse.ArgumentParser(description='LossTransform detection training (torchvision Mask/Faster R-CNN)')
+    p = argparse.ArgumentParser(
+        description='LossTransform detection training (torchvision Mask/Faster R-CNN, RetinaNet)')
     p.add_argument('-c', '--config', default='', type=str, metavar='FILE', help='YAML config (keys = arg dests)')
     g = p.add_argument_group('Dataset parameters')
     g.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional is *deprecated*, use --data-dir)')
@@ -48,7 +51,8 @@ def build_parser():
     g.add_argument('--split-seed', type=int, default=0, help='seed of the PennFudanPed train/val permutation')
     g.add_argument('--img-size', type=int, default=None, help='resize so the longer side is this (reduced resolution)')
     g = p.add_argument_group('Model parameters')
-    g.add_argument('--model', default='maskrcnn', choices=('maskrcnn', 'fasterrcnn'))
+    g.add_argument('--model', default='maskrcnn', choices=MODELS,
+                   help='retinanet: one-stage, needs --lt-match predicted (no RoI heads for GT instances)')
     g.add_argument('--backbone', default='resnet50', help='timm model name, or tv_<torchvision name>')
     g.add_argument('--pretrained', action='store_true', default=False, help='load pretrained backbone weights')
     g.add_argument('--fpn-channels', type=int, default=256, help='FPN width (timm backbones)')
@@ -68,6 +72,12 @@ def build_parser():
     g.add_argument('--lt-mask-weight', type=float, default=1.0, help='weight of the mask term in the consistency')
     g.add_argument('--lt-min-visible', type=float, default=0.5, help='min visible fraction for an instance replica')
     g.add_argument('--lt-detach', action='store_true', default=False, help='stop gradient through the consensus')
+    g.add_argument('--lt-match', default='gt', choices=MATCH_MODES,
+                   help='which instances the consistency compares across replicas: gt = annotated instances '
+                        '(R-CNN only); predicted = the model\'s own detections, matched across replicas by greedy '
+                        'IoU matching in the source frame (the paper\'s instance matching; also RetinaNet)')
+    g.add_argument('--lt-match-iou', type=float, default=0.5,
+                   help='--lt-match predicted: IoU with a cluster\'s first box needed to join it')
     g.add_argument('--lt-epoch', default='v1', choices=DET_EPOCH_MODES,
                    help='v1: an epoch holds as many rows as the training set has images (N/m images, m replicas '
                         'each: the cost of a plain epoch); full: every image m times per epoch (m x the cost)')
@@ -168,6 +178,29 @@ class _Subset(torch.utils.data.Dataset):
         return self.base[self.idx[i]]
 
 
+def check_match_args(model: str, match: str, match_iou: float) -> None:
+    """``--lt-match`` / ``--lt-match-iou`` against ``--model``: problems are one-line UserErrors naming the fix."""
+    if model == 'retinanet' and match == 'gt':
+        raise UserError('--model retinanet has no RoI heads to evaluate the ground-truth instances of --lt-match gt '
+                        '(the default); pass --lt-match predicted (instances matched from the model\'s detections).')
+    if not 0.0 < match_iou <= 1.0:
+        raise UserError(f'--lt-match-iou {match_iou} is not an IoU threshold; pass a value in (0, 1], e.g. 0.5.')
+
+
+def detector_options(args) -> Dict:
+    """Keyword arguments of :func:`lt_timm.detection.backbone.build_detector` from the flags (R-CNN-only options
+    are not passed to RetinaNet)."""
+    size = args.img_size or 800
+    common = dict(pretrained=args.pretrained, min_size=size if args.img_size else 800,
+                  max_size=size if args.img_size else 1333, anchor_sizes=args.anchor_sizes,
+                  fpn_channels=args.fpn_channels)
+    if args.model == 'retinanet':
+        return dict(common, detections_per_img=args.detections_per_img)
+    return dict(common, rpn_pre_nms_top_n_train=args.rpn_pre_nms, rpn_post_nms_top_n_train=args.rpn_post_nms,
+                box_batch_size_per_image=args.box_batch_per_image, mask_head_channels=args.mask_head_channels,
+                box_head_dim=args.box_head_dim, box_detections_per_img=args.detections_per_img)
+
+
 def build_sampler(args, num_images: int, world_size: int = 1, rank: int = 0):
     """The grouped repeated-augmentation batch sampler of the classification loader (``-b`` rows per batch)."""
     from ..sampler import RepeatedAugBatchSampler
@@ -266,6 +299,7 @@ def train(args) -> Dict:
     from .evaluate import coco_from_dataset, evaluate
     from .transforms import ReplicaAugment
 
+    check_match_args(args.model, args.lt_match, args.lt_match_iou)
     if args.threads:
         torch.set_num_threads(args.threads)
     world, rank = _init_distributed(args)
@@ -279,18 +313,12 @@ def train(args) -> Dict:
     num_classes = train_base.num_classes
 
     torch.manual_seed(args.seed)
-    size = args.img_size or 800
-    model = build_detector(args.model, args.backbone, num_classes, pretrained=args.pretrained,
-                           min_size=size if args.img_size else 800, max_size=size if args.img_size else 1333,
-                           anchor_sizes=args.anchor_sizes, fpn_channels=args.fpn_channels,
-                           rpn_pre_nms_top_n_train=args.rpn_pre_nms, rpn_post_nms_top_n_train=args.rpn_post_nms,
-                           box_batch_size_per_image=args.box_batch_per_image,
-                           mask_head_channels=args.mask_head_channels, box_head_dim=args.box_head_dim,
-                           box_detections_per_img=args.detections_per_img)
+    model = build_detector(args.model, args.backbone, num_classes, **detector_options(args))
     rho = args.lt_rho if args.loss == 'losstransform' else 0.0
     net = InstanceLossTransform(model, args.aug_repeats, rho=rho, box_weight=args.lt_box_weight,
                                 mask_weight=args.lt_mask_weight, min_visible=args.lt_min_visible,
-                                detach_consensus=args.lt_detach).to(device)
+                                detach_consensus=args.lt_detach, match=args.lt_match,
+                                match_iou=args.lt_match_iou).to(device)
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     start_epoch = load_checkpoint(args.resume, net.model, opt, args) if args.resume else 0
@@ -326,7 +354,8 @@ def train(args) -> Dict:
                 yaml.safe_dump(vars(args), f, sort_keys=False)
             _logger.info(
                 f'{args.model} on {args.backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
-                f'{len(tr_idx)} train / {len(va_idx)} val images, loss {args.loss} (rho {rho}). Sampler: grouped '
+                f'{len(tr_idx)} train / {len(va_idx)} val images, loss {args.loss} (rho {rho}, --lt-match '
+                f'{args.lt_match}). Sampler: grouped '
                 f'repeats m={args.aug_repeats}, mode {args.lt_epoch}, {n_it} batches/epoch of {args.batch_size} rows'
                 + (f' per rank x {world} ranks' if world > 1 else '') + f'. Output: {out_dir}. '
                 f'Epochs {start_epoch}..{args.epochs - 1}.')
