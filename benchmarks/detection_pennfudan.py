@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Benchmark: plain multi-task loss (l_multi) vs instance-level LossTransform T(l_multi) on PennFudanPed.
+"""Benchmark: plain multi-task loss (l_multi) vs instance-level LossTransform T(l_multi) on PennFudanPed, with
+instances matched by ground truth (``--lt-match gt``) or by the paper's matching of predicted boxes (``predicted``).
 
 Runs ``train_detection.py`` with ``configs/detection/pennfudan_cpu_bench.yaml`` (Mask R-CNN, timm
-mobilenetv3_large_100 + FPN, from scratch, 160 px, 120 train / 50 val images) for each loss and seed, one run
-at a time, then writes
+mobilenetv3_large_100 + FPN, from scratch, 160 px, 120 train / 50 val images) for each method and seed
+(``--jobs`` runs at a time, one thread each), then writes
 
 * ``benchmarks/results/detection_pennfudan.csv``  — one row per run + a mean row per loss;
 * ``benchmarks/results/detection_pennfudan.json`` — command, versions, seeds, per-run metrics and curves;
 * ``benchmarks/results/detection_pennfudan.png``  — final box/mask AP per loss and AP-vs-epoch curves.
 
 Usage:
-    python benchmarks/detection_pennfudan.py --data-dir /tmp/datasets/pennfudan/data/PennFudanPed
+    python benchmarks/detection_pennfudan.py --data-dir /tmp/datasets/pennfudan/data/PennFudanPed \
+        --methods multi lt_gt lt_predicted --seeds 0 1 2 --jobs 2
 """
 import argparse
 import csv
@@ -24,7 +26,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ('box_AP', 'box_AP50', 'box_AP75', 'mask_AP', 'mask_AP50', 'mask_AP75')
-LABEL = {'multi': 'l_multi', 'losstransform': 'T(l_multi)'}
+# method -> (label, train_detection.py flags); everything else comes from the shared config
+METHODS = {
+    'multi': ('l_multi', ['--loss', 'multi']),
+    'lt_gt': ('T(l_multi), gt matching', ['--loss', 'losstransform', '--lt-match', 'gt']),
+    'lt_predicted': ('T(l_multi), predicted matching', ['--loss', 'losstransform', '--lt-match', 'predicted']),
+}
+LABEL = {k: v[0] for k, v in METHODS.items()}
 
 
 def parse():
@@ -32,7 +40,8 @@ def parse():
     p.add_argument('--data-dir', default='/tmp/datasets/pennfudan/data/PennFudanPed')
     p.add_argument('--config', default=os.path.join(REPO, 'configs', 'detection', 'pennfudan_cpu_bench.yaml'))
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
-    p.add_argument('--losses', nargs='+', default=['multi', 'losstransform'])
+    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    p.add_argument('--jobs', type=int, default=1, help='runs at a time (each single-threaded, see the config)')
     p.add_argument('--output', default=os.path.join(REPO, 'output', 'detection', 'bench'))
     p.add_argument('--results', default=os.path.join(REPO, 'benchmarks', 'results'))
     p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='extra train_detection.py flags')
@@ -49,14 +58,14 @@ def plot(runs, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    losses = sorted({r['loss'] for r in runs}, key=lambda x: ['multi', 'losstransform'].index(x))
+    losses = sorted({r['loss'] for r in runs}, key=list(METHODS).index)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    width = 0.38
+    width = 0.8 / len(losses)
     for li, loss in enumerate(losses):
         rs = [r for r in runs if r['loss'] == loss]
         for mi, key in enumerate(('box_AP', 'mask_AP')):
             vals = [r[key] for r in rs]
-            x = mi + (li - 0.5) * width
+            x = mi + (li - (len(losses) - 1) / 2) * width
             ax[0].bar(x, sum(vals) / len(vals), width, color=f'C{li}', alpha=0.7,
                       label=LABEL[loss] if mi == 0 else None)
             ax[0].scatter([x] * len(vals), vals, color='k', s=12, zorder=3)
@@ -90,32 +99,43 @@ def main():
         return 2
     os.makedirs(a.results, exist_ok=True)
     runs, t_all = [], time.time()
-    for seed in a.seeds:
-        for loss in a.losses:
-            exp = f'{loss}-s{seed}'
+    jobs = [(seed, method) for seed in a.seeds for method in a.methods]
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < max(1, a.jobs):
+            seed, method = pending.pop(0)
+            exp = f'{method}-s{seed}'
             cmd = [sys.executable, os.path.join(REPO, 'train_detection.py'), '-c', a.config, '--data-dir', a.data_dir,
-                   '--loss', loss, '--seed', str(seed), '--output', a.output, '--experiment', exp, '--no-plot',
+                   *METHODS[method][1], '--seed', str(seed), '--output', a.output, '--experiment', exp, '--no-plot',
                    *a.extra]
             shutil.rmtree(os.path.join(a.output, exp), ignore_errors=True)  # a rerun replaces its own run folder
             print('$ ' + ' '.join(cmd), flush=True)
-            t0 = time.time()
             env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-            r = subprocess.run(cmd, env=env)
-            if r.returncode != 0:
-                print(f'error: run {exp} failed with exit code {r.returncode}', file=sys.stderr)
-                return r.returncode
+            log = open(os.path.join(a.results, f'.{exp}.log'), 'w')
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), seed, method, exp,
+                            time.time(), log))
+        time.sleep(2)
+        for job in [j for j in running if j[0].poll() is not None]:
+            running.remove(job)
+            proc, seed, method, exp, t0, log = job
+            log.close()
+            if proc.returncode != 0:
+                print(f'error: run {exp} failed with exit code {proc.returncode} (log: {log.name})', file=sys.stderr)
+                return proc.returncode
+            os.remove(log.name)
             curve = read_summary(os.path.join(a.output, exp, 'summary.csv'))
             final = curve[-1]
-            run = {'loss': loss, 'seed': seed, 'wall_s': round(time.time() - t0, 1),
+            run = {'loss': method, 'seed': seed, 'wall_s': round(time.time() - t0, 1),
                    **{k: final.get(f'eval_{k}') for k in METRICS}, 'train_consistency': final.get('train_consistency'),
                    'curve': curve}
             runs.append(run)
             print(f'{exp}: ' + '  '.join(f'{k} {run[k]:.2f}' for k in METRICS), flush=True)
+    runs.sort(key=lambda r: (r['seed'], list(METHODS).index(r['loss'])))
 
     csv_path = os.path.join(a.results, 'detection_pennfudan.csv')
-    fields = ['loss', 'seed', *METRICS, 'train_consistency', 'wall_s']
+    fields = ['loss', 'seed', *METRICS, 'train_consistency', 'wall_s']  # 'loss': the method
     rows = [{k: r[k] for k in fields} for r in runs]
-    for loss in a.losses:
+    for loss in a.methods:
         rs = [r for r in runs if r['loss'] == loss]
         mean = {'loss': loss, 'seed': 'mean'}
         for k in (*METRICS, 'train_consistency', 'wall_s'):
@@ -132,7 +152,8 @@ def main():
     import torchvision
     info = {
         'command': ' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        'config': os.path.relpath(a.config, REPO), 'extra_flags': a.extra, 'seeds': a.seeds, 'losses': a.losses,
+        'config': os.path.relpath(a.config, REPO), 'extra_flags': a.extra, 'seeds': a.seeds,
+        'methods': {m: METHODS[m][1] for m in a.methods}, 'jobs': a.jobs,
         'versions': {'python': platform.python_version(), 'torch': torch.__version__,
                      'torchvision': torchvision.__version__, 'timm': timm.__version__},
         'machine': {'platform': platform.platform(), 'cpus': os.cpu_count(), 'device': 'cpu'},
@@ -146,7 +167,7 @@ def main():
     print(f'wrote {csv_path} (total {info["total_wall_s"]:.0f}s)')
     for r in rows:
         if r['seed'] == 'mean':
-            print(f'{LABEL[r["loss"]]:>11s}: ' + '  '.join(f'{k} {r[k]:.2f}' for k in METRICS))
+            print(f'{LABEL[r["loss"]]:>31s}: ' + '  '.join(f'{k} {r[k]:.2f}' for k in METRICS))
     return 0
 
 
