@@ -765,6 +765,86 @@ def _init_wandb(args: argparse.Namespace, exp_name: str) -> bool:
     return True
 
 
+def _check_loop_args(args: argparse.Namespace) -> None:
+    """The training-loop options that argparse cannot check by itself (one clear error each)."""
+    if args.grad_accum_steps < 1:
+        raise UserError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}.')
+    if args.val_interval < 1:
+        raise UserError(f'--val-interval must be >= 1, got {args.val_interval}.')
+    if args.dist_bn not in ('reduce', 'broadcast', ''):
+        raise UserError(f'--dist-bn must be "reduce", "broadcast" or "" (off), got {args.dist_bn!r}.')
+    if args.aug_splits == 1 or args.aug_splits < 0:
+        raise UserError(f'--aug-splits must be 0 or >= 2, got {args.aug_splits}.')
+
+
+def _amp(amp: bool, amp_dtype: str, device: torch.device):
+    """(autocast context factory, loss scaler) as timm's train.py: a scaler only for float16 on CUDA."""
+    if not amp:
+        return suppress, None
+    dtype = torch.bfloat16 if amp_dtype == 'bfloat16' else torch.float16
+    scaler = NativeScaler(device=device.type) if device.type == 'cuda' and dtype == torch.float16 else None
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
+
+
+def _wrap_aug_splits(dataset, aug_splits: int, mixup_under_prefetcher: bool):
+    """As timm's train.py: AugMix/JSD splits need the wrapper that returns the clean + augmented splits."""
+    if aug_splits <= 1:
+        return dataset
+    if mixup_under_prefetcher:
+        raise UserError('--aug-splits cannot be combined with mixup/cutmix under the prefetcher; add --no-prefetcher.')
+    return AugMixDataset(dataset, num_splits=aug_splits)
+
+
+def _setup_ema_compile_ddp(args: argparse.Namespace, task: ClassificationTask, device: torch.device) -> None:
+    """EMA (restored from --resume), torch.compile of model and loss, then DDP — in timm's order."""
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device='cpu' if args.model_ema_force_cpu else None)
+        if args.resume:
+            load_task_ema_checkpoint(task, args.resume)
+    if args.torchcompile:  # as timm: before DDP wrapping; the loss too (one graph, see lt_timm.loss)
+        if utils.is_primary(args):
+            _logger.info(f'Compiling model and loss with backend={args.torchcompile}, mode={args.torchcompile_mode}')
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        task.criterion = torch.compile(task.criterion, backend=args.torchcompile, mode=args.torchcompile_mode)
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
+    if args.distributed:
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
+                                 broadcast_buffers=not args.no_ddp_bb)
+
+
+def _create_scheduler(args: argparse.Namespace, optimizer, updates_per_epoch: int, start_epoch: int):
+    """timm's scheduler from the args, advanced to ``start_epoch`` (a resumed run); returns it and the epochs."""
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                   updates_per_epoch=updates_per_epoch)
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    return lr_scheduler, num_epochs
+
+
+def _open_run_dir(args: argparse.Namespace, args_text: str, output_dir: str, model: nn.Module,
+                  task: ClassificationTask, optimizer, loss_scaler, class_to_idx, start_epoch: int
+                  ) -> utils.CheckpointSaver:
+    """The claimed run folder made ready: timm's CheckpointSaver (its history restored when resuming in place),
+    summary rows past ``start_epoch`` dropped, ``args.yaml`` and the class map written."""
+    saver = utils.CheckpointSaver(
+        model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
+        recovery_dir=output_dir, decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
+    if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+        saver.load_state_dict_from_checkpoint(args.resume)
+    truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+        f.write(args_text)
+    if class_to_idx:
+        write_class_map(class_to_idx, output_dir)
+        args.class_to_idx = class_to_idx  # saved in every checkpoint's 'args' (not in args.yaml)
+    return saver
+
+
 def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]':
     """Run a full training job; returns the final epoch's eval metrics (and best) for scripting."""
     check_args(args)
@@ -775,12 +855,7 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
         torch.backends.cudnn.benchmark = True
     args.aug_repeats = int(args.aug_repeats)
     args.prefetcher = not args.no_prefetcher
-    if args.grad_accum_steps < 1:
-        raise UserError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}.')
-    if args.val_interval < 1:
-        raise UserError(f'--val-interval must be >= 1, got {args.val_interval}.')
-    if args.dist_bn not in ('reduce', 'broadcast', ''):
-        raise UserError(f'--dist-bn must be "reduce", "broadcast" or "" (off), got {args.dist_bn!r}.')
+    _check_loop_args(args)
     model_dtype = resolve_model_dtype(args)
     device = _setup_device(args)
     if args.distributed:
@@ -797,22 +872,10 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     model = _prepare_model(args, model, device, model_dtype)
 
-    amp_autocast, loss_scaler = suppress, None
-    if args.amp:
-        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
-        if device.type == 'cuda' and amp_dtype == torch.float16:
-            loss_scaler = NativeScaler(device=device.type)
-
+    amp_autocast, loss_scaler = _amp(args.amp, args.amp_dtype, device)
     mixup_active, collate_fn, mixup_fn = _mixup(args)
     criterion = _criterion(args, mixup_active)
-    if args.aug_splits == 1 or args.aug_splits < 0:
-        raise UserError(f'--aug-splits must be 0 or >= 2, got {args.aug_splits}.')
-    if args.aug_splits > 1:
-        if mixup_active and args.prefetcher:
-            raise UserError('--aug-splits cannot be combined with mixup/cutmix under the prefetcher; add --no-prefetcher.')
-        # As timm's train.py: AugMix/JSD splits need the wrapper that returns the clean + augmented splits.
-        dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
+    dataset_train = _wrap_aug_splits(dataset_train, args.aug_splits, mixup_active and args.prefetcher)
     loader_train, loader_eval = _create_loaders(args, dataset_train, dataset_eval, data_config, collate_fn, device,
                                                 model_dtype)
     if mixup_active and args.aug_repeats and args.mixup_mode != 'batch' and utils.is_primary(args):
@@ -822,50 +885,21 @@ def train(args: argparse.Namespace, args_text: str) -> 'OrderedDict[str, float]'
     task = ClassificationTask(model=model, criterion=criterion, device=device, dtype=model_dtype, verbose=False)
     optimizer = create_optimizer_from_args(model, args)
     resume_epoch = _resume(args, task, optimizer, loss_scaler)
-    if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                       device='cpu' if args.model_ema_force_cpu else None)
-        if args.resume:
-            load_task_ema_checkpoint(task, args.resume)
-    if args.torchcompile:  # as timm: before DDP wrapping; the loss too (one graph, see lt_timm.loss)
-        if utils.is_primary(args):
-            _logger.info(f'Compiling model and loss with backend={args.torchcompile}, mode={args.torchcompile_mode}')
-        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
-        task.criterion = torch.compile(criterion, backend=args.torchcompile, mode=args.torchcompile_mode)
-        if task.has_ema():
-            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
-    if args.distributed:
-        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
-                                 broadcast_buffers=not args.no_ddp_bb)
+    _setup_ema_compile_ddp(args, task, device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
-    if lr_scheduler is not None and start_epoch > 0:
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
-        else:
-            lr_scheduler.step(start_epoch)
+    lr_scheduler, num_epochs = _create_scheduler(args, optimizer, updates_per_epoch, start_epoch)
 
     saver, output_dir, lock, log_wandb = None, None, None, False
-    eval_metric = args.eval_metric
     try:
         if utils.is_primary(args):
             exp_name = args.experiment or '-'.join([
                 datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
             lock = claim_run_dir(args.output or './output/train', exp_name, args.resume)
             output_dir = os.path.dirname(lock.path)
-            saver = utils.CheckpointSaver(
-                model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
-                recovery_dir=output_dir, decreasing=eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
-            if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-                saver.load_state_dict_from_checkpoint(args.resume)
-            truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
-            with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-                f.write(args_text)
-            if class_to_idx:
-                write_class_map(class_to_idx, output_dir)
-                args.class_to_idx = class_to_idx  # saved in every checkpoint's 'args' (not in args.yaml)
+            saver = _open_run_dir(args, args_text, output_dir, model, task, optimizer, loss_scaler, class_to_idx,
+                                  start_epoch)
             log_wandb = _init_wandb(args, exp_name)
             accum = (f' x {args.grad_accum_steps} accumulated = {updates_per_epoch} optimizer steps/epoch'
                      if args.grad_accum_steps > 1 else '')
