@@ -42,6 +42,8 @@ def parse():
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     p.add_argument('--jobs', type=int, default=1, help='runs at a time (each single-threaded, see the config)')
+    p.add_argument('--reuse', action='store_true', default=False,
+                   help='keep runs that already finished in --output (their summary.csv reaches the last epoch)')
     p.add_argument('--output', default=os.path.join(REPO, 'output', 'detection', 'bench'))
     p.add_argument('--results', default=os.path.join(REPO, 'benchmarks', 'results'))
     p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='extra train_detection.py flags')
@@ -52,6 +54,25 @@ def read_summary(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     return [{k: (float(v) if v not in ('', None) else None) for k, v in r.items()} for r in rows]
+
+
+def finished(run_dir):
+    """A run folder whose summary.csv holds the last epoch its args.yaml asked for."""
+    import yaml
+    try:
+        with open(os.path.join(run_dir, 'args.yaml')) as f:
+            epochs = int(yaml.safe_load(f)['epochs'])
+        rows = read_summary(os.path.join(run_dir, 'summary.csv'))
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return bool(rows) and int(rows[-1]['epoch']) == epochs - 1
+
+
+def collect(run_dir, method, seed, wall_s):
+    curve = read_summary(os.path.join(run_dir, 'summary.csv'))
+    final = curve[-1]
+    return {'loss': method, 'seed': seed, 'wall_s': round(wall_s, 1), **{k: final.get(f'eval_{k}') for k in METRICS},
+            'train_consistency': final.get('train_consistency'), 'curve': curve}
 
 
 def plot(runs, path):
@@ -100,7 +121,16 @@ def main():
     os.makedirs(a.results, exist_ok=True)
     runs, t_all = [], time.time()
     jobs = [(seed, method) for seed in a.seeds for method in a.methods]
-    pending, running = list(jobs), []
+    pending, running = [], []
+    for seed, method in jobs:
+        run_dir = os.path.join(a.output, f'{method}-s{seed}')
+        if a.reuse and finished(run_dir):  # wall time of a reused run: the sum of its epochs' train + eval times
+            curve = read_summary(os.path.join(run_dir, 'summary.csv'))
+            wall = sum((c.get('train_epoch_time') or 0) + (c.get('eval_time') or 0) for c in curve)
+            runs.append(collect(run_dir, method, seed, wall))
+            print(f'reusing {run_dir}', flush=True)
+        else:
+            pending.append((seed, method))
     while pending or running:
         while pending and len(running) < max(1, a.jobs):
             seed, method = pending.pop(0)
@@ -123,11 +153,7 @@ def main():
                 print(f'error: run {exp} failed with exit code {proc.returncode} (log: {log.name})', file=sys.stderr)
                 return proc.returncode
             os.remove(log.name)
-            curve = read_summary(os.path.join(a.output, exp, 'summary.csv'))
-            final = curve[-1]
-            run = {'loss': method, 'seed': seed, 'wall_s': round(time.time() - t0, 1),
-                   **{k: final.get(f'eval_{k}') for k in METRICS}, 'train_consistency': final.get('train_consistency'),
-                   'curve': curve}
+            run = collect(os.path.join(a.output, exp), method, seed, time.time() - t0)
             runs.append(run)
             print(f'{exp}: ' + '  '.join(f'{k} {run[k]:.2f}' for k in METRICS), flush=True)
     runs.sort(key=lambda r: (r['seed'], list(METHODS).index(r['loss'])))
