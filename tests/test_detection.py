@@ -594,16 +594,27 @@ def test_block_batches_v1_and_full(tmp_path):
 
 
 def test_detection_configs_parse():
-    """Every recipe in configs/detection parses (keys are argument dests) and names a buildable combination."""
+    """Every recipe in configs/detection parses (keys are argument dests), names a buildable combination and passes
+    train_detection's checks (matching mode vs model; the COCO detector's fixed flags; no weights are loaded)."""
     import glob
-    from lt_timm.detection.train import parse_args
+    from lt_timm.detection.train import (COCO_FIXED_FLAGS, check_coco_detector_args, check_match_args,
+                                         dataset_label_space, parse_args, uses_coco_detector)
     files = sorted(glob.glob(os.path.join(REPO, 'configs', 'detection', '*.yaml')))
-    assert len(files) >= 15
+    assert len(files) >= 21
     seen = set()
     for f in files:
         a = parse_args(['-c', f, '--data-dir', '/nonexistent'])
-        assert a.model in ('maskrcnn', 'fasterrcnn') and a.loss in ('multi', 'losstransform')
+        assert a.model in ('maskrcnn', 'fasterrcnn', 'retinanet') and a.loss in ('multi', 'losstransform')
+        check_match_args(a.model, a.lt_match, a.lt_match_iou)
+        coco = uses_coco_detector(a.detector_weights, a.detector_checkpoint)
+        if coco:
+            check_coco_detector_args(a.model, a.backbone, a.pretrained, a.detector_checkpoint,
+                                     {k: getattr(a, k) for k in COCO_FIXED_FLAGS})
+        dataset_label_space(a.dataset, coco, a.reset_predictors)
         seen.add((a.dataset, a.model, a.backbone, a.loss))
+    for model in ('fasterrcnn', 'maskrcnn', 'retinanet'):  # Table 6: torchvision's COCO detectors
+        for loss in ('multi', 'losstransform'):
+            assert ('coco', model, 'tv_resnet50', loss) in seen
     for bb in ('resnet50', 'convnext_tiny', 'efficientnet_b4', 'mobilenetv3_large_100', 'tv_shufflenet_v2_x1_0'):
         for loss in ('multi', 'losstransform'):
             assert ('pennfudan', 'maskrcnn', bb, loss) in seen

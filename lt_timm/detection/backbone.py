@@ -12,7 +12,16 @@ Names prefixed ``tv_`` use torchvision's own backbones: ``tv_resnet50`` / ``tv_r
 
 Weights are loaded only with ``pretrained=True`` (never in tests). With pretrained weights BatchNorm is
 frozen (detection batches are tiny); from scratch it stays trainable.
+
+torchvision's COCO detectors (the paper's Table 6 protocol: fine-tune torchvision's COCO Faster R-CNN, RetinaNet and
+Mask R-CNN): :func:`build_coco_detector` builds exactly ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` /
+``retinanet_resnet50_fpn`` (v1) as torchvision's builder makes them for ``weights=COCO_V1`` (ResNet-50 with
+``FrozenBatchNorm2d``, conv1 + layer1 frozen, 91 classes = COCO category ids, torchvision's anchors and transform),
+without weights; :func:`load_coco_weights` loads ``*_Weights.COCO_V1`` through torchvision's weights API (download
+into the torch hub cache), :func:`reset_class_predictors` replaces the class-specific predictors for another label
+set (torchvision's fine-tuning tutorial).
 """
+import math
 from collections import OrderedDict
 from typing import List, Optional, Tuple
 
@@ -22,10 +31,16 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 __all__ = ['TimmFPNBackbone', 'build_backbone', 'build_detector', 'build_retinanet', 'extra_fpn_block',
-           'DETECTOR_MODELS', 'EXTRA_LEVELS']
+           'build_coco_detector', 'coco_detector_weights', 'coco_category_names', 'load_coco_weights',
+           'set_frozen_bn_eps', 'reset_class_predictors', 'COCO_DETECTORS', 'COCO_BACKBONE', 'DETECTOR_MODELS',
+           'EXTRA_LEVELS']
 
 DETECTOR_MODELS = ('maskrcnn', 'fasterrcnn', 'retinanet')
 EXTRA_LEVELS = ('pool', 'p6p7')  # R-CNN: a max-pool level; RetinaNet: P6 and P7 convolutions
+# --model -> torchvision's builder of the COCO detector (v1: the architectures the COCO_V1 weights fit)
+COCO_DETECTORS = {'fasterrcnn': 'fasterrcnn_resnet50_fpn', 'maskrcnn': 'maskrcnn_resnet50_fpn',
+                  'retinanet': 'retinanet_resnet50_fpn'}
+COCO_BACKBONE = 'tv_resnet50'  # the --backbone of every COCO detector above
 
 
 def extra_fpn_block(extra: str, channels: int) -> nn.Module:
@@ -204,3 +219,100 @@ def build_retinanet(backbone: str, num_classes: int, pretrained: bool = False, m
     sizes = tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in bases)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * n)
     return RetinaNet(bb, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, **kwargs)
+
+
+# ------------------------------------------------------------------------------- torchvision's COCO detectors
+def coco_detector_weights(model: str):
+    """torchvision's ``*_ResNet50_FPN_Weights.COCO_V1`` for ``--model`` (an enum member: ``url``, ``meta``, ...;
+    nothing is downloaded here)."""
+    from torchvision.models import detection
+    enums = {'fasterrcnn': detection.FasterRCNN_ResNet50_FPN_Weights,
+             'maskrcnn': detection.MaskRCNN_ResNet50_FPN_Weights,
+             'retinanet': detection.RetinaNet_ResNet50_FPN_Weights}
+    if model not in enums:
+        raise ValueError(f'no torchvision COCO detector for --model {model!r}; use one of {tuple(enums)}.')
+    return enums[model].COCO_V1
+
+
+def coco_category_names(model: str = 'fasterrcnn') -> List[str]:
+    """The COCO detector's class names by output index = COCO category id (``'__background__'`` at 0, ``'N/A'``
+    at the ids COCO leaves unused): torchvision's ``COCO_V1.meta['categories']``, 91 entries."""
+    return list(coco_detector_weights(model).meta['categories'])
+
+
+def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
+    """Set ``eps`` of every ``FrozenBatchNorm2d``: torchvision sets 0.0 for the COCO_V1 weights (they were trained
+    with a FrozenBatchNorm2d that had no eps; its ``overwrite_eps``)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = eps
+
+
+def build_coco_detector(model: str, min_size: int = 800, max_size: int = 1333, trainable_backbone_layers: int = 3,
+                        frozen_bn_eps: float = 0.0, **kwargs) -> nn.Module:
+    """torchvision's COCO detector for ``model`` (``'fasterrcnn'`` | ``'maskrcnn'`` | ``'retinanet'``), built as
+    ``torchvision.models.detection.<model>_resnet50_fpn(weights=COCO_V1)`` builds it, without loading weights.
+
+    The paper's Table 6 fine-tunes these detectors. The architecture is the v1 one that the ``COCO_V1`` weights fit:
+    ResNet-50 with ``FrozenBatchNorm2d`` (``eps = frozen_bn_eps``, 0.0 as torchvision sets for COCO_V1), the stem and
+    layer1 frozen (``trainable_backbone_layers=3``, torchvision's default with weights), FPN on layers 1-4 + max-pool
+    (R-CNN) or on layers 2-4 + P6, P7 from P5 (RetinaNet), 91 classes (output index = COCO category id),
+    torchvision's default anchors, heads and transform (``min_size`` / ``max_size`` 800 / 1333 unless given).
+    ``kwargs`` go to ``FasterRCNN`` / ``MaskRCNN`` / ``RetinaNet`` (settings that do not change the state dict, e.g.
+    ``rpn_post_nms_top_n_train``, ``box_detections_per_img``, ``detections_per_img``). Load the weights with
+    :func:`load_coco_weights` or ``load_state_dict`` of a torchvision-format state dict.
+    """
+    from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    classes = {'fasterrcnn': FasterRCNN, 'maskrcnn': MaskRCNN, 'retinanet': RetinaNet}
+    if model not in classes:
+        raise ValueError(f'no torchvision COCO detector for --model {model!r}; use one of {tuple(classes)}.')
+    retina = model == 'retinanet'
+    bb = resnet_fpn_backbone(backbone_name='resnet50', weights=None, norm_layer=FrozenBatchNorm2d,
+                             trainable_layers=trainable_backbone_layers,
+                             returned_layers=[2, 3, 4] if retina else None,
+                             extra_blocks=LastLevelP6P7(256, 256) if retina else None)
+    num_classes = len(coco_category_names(model))
+    detector = classes[model](bb, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+    set_frozen_bn_eps(detector, frozen_bn_eps)
+    return detector
+
+
+def load_coco_weights(detector: nn.Module, model: str, progress: bool = True) -> None:
+    """Load torchvision's ``COCO_V1`` weights of ``model`` into ``detector`` (from :func:`build_coco_detector`)
+    through torchvision's own weights API: downloaded once into the torch hub cache, hash-checked, as the builder
+    does."""
+    weights = coco_detector_weights(model)
+    detector.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
+
+
+def reset_class_predictors(detector: nn.Module, num_classes: int) -> List[str]:
+    """Replace the class-specific predictors by freshly initialised ones for ``num_classes`` (incl. background), as
+    torchvision's fine-tuning tutorial does; everything else keeps its weights. R-CNN: ``roi_heads.box_predictor``
+    (class scores + class-specific boxes) and ``roi_heads.mask_predictor``; RetinaNet: the classification head's
+    last convolution ``cls_logits`` (RetinaNet's prior-probability init; the box regression is class-agnostic).
+    Returns the replaced module names."""
+    from torchvision.models.detection import RetinaNet
+    if isinstance(detector, RetinaNet):
+        head = detector.head.classification_head
+        old = head.cls_logits
+        num_anchors = old.out_channels // head.num_classes
+        new = nn.Conv2d(old.in_channels, num_anchors * num_classes, kernel_size=3, stride=1, padding=1)
+        nn.init.normal_(new.weight, std=0.01)
+        prior = 0.01  # torchvision's RetinaNetClassificationHead default
+        nn.init.constant_(new.bias, -math.log((1 - prior) / prior))
+        head.cls_logits = new
+        head.num_classes = num_classes
+        return ['head.classification_head.cls_logits']
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+    heads = detector.roi_heads
+    heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
+    replaced = ['roi_heads.box_predictor']
+    if getattr(heads, 'mask_predictor', None) is not None:
+        deconv = heads.mask_predictor.conv5_mask
+        heads.mask_predictor = MaskRCNNPredictor(deconv.in_channels, deconv.out_channels, num_classes)
+        replaced.append('roi_heads.mask_predictor')
+    return replaced

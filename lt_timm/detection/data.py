@@ -1,9 +1,11 @@
 """Detection datasets (PennFudanPed, COCO format) and the replica collate.
 
 Every dataset returns ``(image, target)`` with ``image`` a float ``(3, H, W)`` tensor in [0, 1] and ``target``
-holding ``boxes`` (xyxy float), ``labels`` (int64, 1..K), ``masks`` (uint8 ``(N, H, W)``), ``image_id``,
-``area`` and ``iscrowd``. ``img_size`` (optional) resizes each image so its longer side is ``img_size``
-(reduced-resolution training); boxes and masks are resized with it, and evaluation happens in that frame.
+holding ``boxes`` (xyxy float), ``labels`` (int64, 1..K; COCO with ``label_space='coco_ids'``: the COCO category
+ids), ``masks`` (uint8 ``(N, H, W)``), ``image_id``, ``area`` and ``iscrowd``. Datasets list their classes as
+``categories`` (``[{'id': label, 'name': ...}]``, in the label space of the targets; used by the evaluation).
+``img_size`` (optional) resizes each image so its longer side is ``img_size`` (reduced-resolution training); boxes
+and masks are resized with it, and evaluation happens in that frame.
 
 :class:`ReplicaDataset` turns item ``i`` into ``m`` independently augmented replicas; :func:`replica_collate`
 flattens a list of such items so that the replicas of each image are consecutive, i.e. row ``r`` of the batch
@@ -22,7 +24,9 @@ from .transforms import identity_params
 
 __all__ = ['PennFudanDataset', 'CocoDetectionDataset', 'ReplicaDataset', 'BlockBatchSampler', 'replica_collate',
            'eval_collate',
-           'split_indices', 'masks_to_boxes_safe', 'resize_sample']
+           'split_indices', 'masks_to_boxes_safe', 'resize_sample', 'category_labels', 'LABEL_SPACES']
+
+LABEL_SPACES = ('contiguous', 'coco_ids')  # CocoDetectionDataset's label_space
 
 
 def _require(path: str, what: str) -> None:
@@ -75,6 +79,7 @@ class PennFudanDataset(Dataset):
 
     num_classes = 2  # background + pedestrian
     class_names = ['pedestrian']
+    categories = [{'id': 1, 'name': 'pedestrian'}]
 
     def __init__(self, root: str, img_size: Optional[int] = None, cache: bool = True):
         _require(root, 'PennFudanPed directory')
@@ -125,12 +130,23 @@ class PennFudanDataset(Dataset):
 class CocoDetectionDataset(Dataset):
     """COCO-format detection/instance segmentation: an image folder and an ``instances_*.json``.
 
-    Category ids are mapped to contiguous labels ``1..K`` (``self.cat_ids[label - 1]`` gives the COCO id back).
+    ``label_space`` says what a target's ``labels`` are:
+
+    * ``'contiguous'`` (default): the categories mapped to ``1..K`` in id order (``self.cat_ids[label - 1]``, or
+      ``self.label_to_cat[label]``, gives the category id back); ``num_classes = K + 1``. For detectors trained
+      from a backbone.
+    * ``'coco_ids'``: the category ids themselves (COCO: 1..90 with gaps); ``num_classes = max id + 1`` (91 for
+      COCO). torchvision's COCO detectors predict category ids (91-way, the unused ids never annotated), so
+      fine-tuning them (the paper's Table 6) needs these targets.
+
+    ``categories`` lists ``{'id': label, 'name': ...}`` in the chosen label space (the evaluation's categories).
     Crowd annotations are left out of the training targets (COCOeval handles them from the JSON).
     """
 
     def __init__(self, img_dir: str, ann_file: str, img_size: Optional[int] = None, masks: bool = True,
-                 remove_empty: bool = False):
+                 remove_empty: bool = False, label_space: str = 'contiguous'):
+        if label_space not in LABEL_SPACES:
+            raise ValueError(f'label_space must be one of {LABEL_SPACES}, got {label_space!r}.')
         _require(img_dir, 'COCO image folder')
         _require(ann_file, 'COCO annotation file')
         import contextlib
@@ -142,10 +158,13 @@ class CocoDetectionDataset(Dataset):
         self.ann_file = ann_file
         self.img_size = img_size
         self.with_masks = masks
+        self.label_space = label_space
         self.cat_ids = sorted(self.coco.getCatIds())
-        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.cat_to_label = category_labels(self.cat_ids, label_space, ann_file)
+        self.label_to_cat = {lab: c for c, lab in self.cat_to_label.items()}
         self.class_names = [self.coco.cats[c]['name'] for c in self.cat_ids]
-        self.num_classes = len(self.cat_ids) + 1
+        self.categories = [{'id': self.cat_to_label[c], 'name': self.coco.cats[c]['name']} for c in self.cat_ids]
+        self.num_classes = max(self.cat_to_label.values(), default=0) + 1
         ids = sorted(self.coco.imgs.keys())
         if remove_empty:
             ids = [i for i in ids if any(not a.get('iscrowd', 0) for a in self.coco.imgToAnns.get(i, []))]
@@ -183,6 +202,18 @@ class CocoDetectionDataset(Dataset):
             target['masks'] = torch.stack(masks).to(torch.uint8) if n else torch.zeros((0, h, w), dtype=torch.uint8)
         img, target = resize_sample(img, target, self.img_size)
         return img.float() / 255.0, target
+
+
+def category_labels(cat_ids: Sequence[int], label_space: str, ann_file: str = '') -> Dict[int, int]:
+    """Category id -> training label: ``1..K`` in id order (``'contiguous'``) or the id itself (``'coco_ids'``,
+    which needs integer ids >= 1: label 0 is the background)."""
+    if label_space == 'contiguous':
+        return {c: i + 1 for i, c in enumerate(cat_ids)}
+    bad = [c for c in cat_ids if not isinstance(c, int) or c < 1]
+    if bad:
+        raise ValueError(f'category ids {bad} of {ann_file} cannot be labels (label 0 is the background, labels '
+                         f'are integers); use label_space=\'contiguous\'.')
+    return {c: c for c in cat_ids}
 
 
 class ReplicaDataset(Dataset):

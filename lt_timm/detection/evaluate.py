@@ -3,6 +3,12 @@
 :func:`coco_from_dataset` builds the ground truth as an in-memory COCO object from any dataset of this package
 (in the dataset's frame, i.e. after ``img_size`` resizing), so PennFudanPed and COCO subsets are evaluated the
 same way. Predicted masks are thresholded at 0.5 and RLE-encoded with ``pycocotools.mask``.
+
+Evaluation happens in the label space of the dataset's targets, which is the model's: a detection's ``label`` is
+its ``category_id``, and the ground truth's categories are the dataset's ``categories`` (``{'id': label, ...}``).
+With ``CocoDetectionDataset(label_space='coco_ids')`` (torchvision's COCO detectors, the paper's Table 6) labels
+*are* the COCO category ids, gaps included: COCOeval scores the categories of the ground truth, and detections of
+ids the dataset does not annotate are not counted, as in the official COCO evaluation.
 """
 import contextlib
 import io
@@ -11,7 +17,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 import torch
 
-__all__ = ['coco_from_dataset', 'predictions_to_coco', 'coco_ap', 'evaluate']
+__all__ = ['coco_from_dataset', 'dataset_categories', 'predictions_to_coco', 'coco_ap', 'evaluate']
 
 _STAT_NAMES = ('AP', 'AP50', 'AP75')
 
@@ -44,13 +50,22 @@ def coco_from_dataset(dataset, indices: Optional[Iterable[int]] = None, with_mas
                 a['segmentation'] = _rle(m)
                 a['area'] = float(m.sum())
             anns.append(a)
-    num = getattr(dataset, 'num_classes', max(labels, default=1) + 1)
-    cats = [{'id': c, 'name': str(c)} for c in range(1, int(num))]
+    cats = dataset_categories(dataset, labels)
     coco = COCO()
     coco.dataset = {'images': images, 'annotations': anns, 'categories': cats}
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def dataset_categories(dataset, labels=()) -> List[Dict]:
+    """The evaluation's categories: ``dataset.categories`` (``[{'id': label, 'name': ...}]``) when the dataset has
+    them, else ``1 .. num_classes - 1`` (or up to the largest of ``labels``)."""
+    cats = getattr(dataset, 'categories', None)
+    if cats is not None:
+        return [{'id': int(c['id']), 'name': str(c.get('name', c['id']))} for c in cats]
+    num = getattr(dataset, 'num_classes', None) or max(labels, default=1) + 1
+    return [{'id': c, 'name': str(c)} for c in range(1, int(num))]
 
 
 def predictions_to_coco(image_id: int, output: Dict[str, torch.Tensor], with_masks: bool = True) -> List[Dict]:

@@ -8,6 +8,13 @@ checkpoint's folder), ``summary.csv`` via timm's ``update_summary`` (one row per
 :func:`lt_timm.plots.plot_training_curves`, ``last.pth.tar`` written atomically (tmp file + ``os.replace``) and
 only from finite weights, batches from :class:`lt_timm.sampler.RepeatedAugBatchSampler` (``--lt-epoch v1|full``,
 single process or DDP under ``torchrun``).
+
+The paper's Table 6 protocol (fine-tune torchvision's COCO Faster R-CNN, RetinaNet and Mask R-CNN* with FPN and RPN
+frozen): ``--detector-weights coco`` (or ``--detector-checkpoint FILE``, the same weights from disk) builds
+torchvision's COCO detector for ``--model`` (:func:`lt_timm.detection.backbone.build_coco_detector`) and trains on
+COCO category ids (``CocoDetectionDataset(label_space='coco_ids')``, chosen here); ``--reset-predictors`` replaces
+its class predictors for another label set; ``--freeze NAME ...`` freezes submodules (Mask R-CNN*: ``--freeze
+backbone.fpn rpn``). Recipes: ``configs/detection/table6_*.yaml``.
 """
 import argparse
 import logging
@@ -21,7 +28,10 @@ import yaml
 from ..errors import UserError, exit_on_user_error
 from ..run_dir import claim_run_dir, resume_hint, truncate_summary
 
-__all__ = ['build_parser', 'parse_args', 'main', 'train', 'check_match_args', 'detector_options']
+__all__ = ['build_parser', 'parse_args', 'main', 'train', 'check_match_args', 'detector_options', 'runtime_options',
+           'uses_coco_detector', 'check_coco_detector_args', 'dataset_label_space', 'check_coco_categories',
+           'build_model', 'read_detector_state_dict', 'load_detector_checkpoint', 'freeze_submodules',
+           'hold_frozen_norms', 'DETECTOR_WEIGHTS', 'COCO_FIXED_FLAGS']
 
 _logger = logging.getLogger('train_detection')
 
@@ -30,6 +40,9 @@ MODELS = ('maskrcnn', 'fasterrcnn', 'retinanet')
 MATCH_MODES = ('gt', 'predicted')  # lt_timm.detection.consistency.MATCH_MODES (not imported: keeps --help light)
 DATASETS = ('pennfudan', 'coco')
 DET_EPOCH_MODES = ('v1', 'full')
+DETECTOR_WEIGHTS = ('none', 'coco')  # 'coco': torchvision's COCO_V1 detector (lt_timm.detection.backbone)
+# architecture flags the COCO detectors fix (their defaults build torchvision's heads)
+COCO_FIXED_FLAGS = {'anchor_sizes': None, 'fpn_channels': 256, 'mask_head_channels': 256, 'box_head_dim': 1024}
 
 
 def build_parser():
@@ -55,6 +68,20 @@ def build_parser():
                    help='retinanet: one-stage, needs --lt-match predicted (no RoI heads for GT instances)')
     g.add_argument('--backbone', default='resnet50', help='timm model name, or tv_<torchvision name>')
     g.add_argument('--pretrained', action='store_true', default=False, help='load pretrained backbone weights')
+    g.add_argument('--detector-weights', default='none', choices=DETECTOR_WEIGHTS,
+                   help='coco: torchvision\'s COCO detector for --model (fasterrcnn/maskrcnn/retinanet_resnet50_fpn, '
+                        'COCO_V1 weights via torchvision\'s weights API, downloaded once into the torch hub cache; '
+                        'needs --backbone tv_resnet50); trains on COCO category ids (the paper\'s Table 6)')
+    g.add_argument('--detector-checkpoint', default='', metavar='FILE',
+                   help='the COCO detector\'s weights from FILE instead of the download: a torchvision-format state '
+                        'dict (the COCO_V1 .pth file, or a dict holding it as model/state_dict); implies '
+                        '--detector-weights coco')
+    g.add_argument('--reset-predictors', action='store_true', default=False,
+                   help='with the COCO detector: fresh class predictors for this dataset\'s classes (torchvision\'s '
+                        'fine-tuning tutorial; box/mask predictor, RetinaNet cls_logits) instead of COCO category ids')
+    g.add_argument('--freeze', nargs='*', default=[], metavar='NAME',
+                   help='freeze these submodules of the detector (dotted names, e.g. backbone.fpn rpn = the '
+                        'paper\'s Mask R-CNN*): no gradient, not in the optimizer, BatchNorm statistics kept')
     g.add_argument('--fpn-channels', type=int, default=256, help='FPN width (timm backbones)')
     g.add_argument('--mask-head-channels', type=int, default=256, help='mask head conv width (torchvision: 256)')
     g.add_argument('--box-head-dim', type=int, default=1024, help='box head MLP width (torchvision: 1024)')
@@ -138,7 +165,9 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 # ------------------------------------------------------------------------------------------------ data
-def build_datasets(args):
+def build_datasets(args, label_space: str = 'contiguous'):
+    """Training and validation datasets and their indices; ``label_space`` is the COCO dataset's (see
+    :func:`dataset_label_space`)."""
     from .data import CocoDetectionDataset, PennFudanDataset, split_indices
     if not os.path.isdir(args.data_dir):
         raise UserError(f'dataset directory not found: {args.data_dir}; pass the dataset root with --data-dir '
@@ -153,7 +182,7 @@ def build_datasets(args):
             return CocoDetectionDataset(os.path.join(args.data_dir, split),
                                         os.path.join(args.data_dir, 'annotations', f'instances_{split}.json'),
                                         img_size=args.img_size, masks=args.model == 'maskrcnn',
-                                        remove_empty=False)
+                                        remove_empty=False, label_space=label_space)
         train_base, val_base = coco(args.train_split), coco(args.val_split)
         tr, va = list(range(len(train_base))), list(range(len(val_base)))
     if args.train_size:
@@ -170,6 +199,7 @@ class _Subset(torch.utils.data.Dataset):
     def __init__(self, base, idx):
         self.base, self.idx = base, list(idx)
         self.num_classes = getattr(base, 'num_classes', None)
+        self.categories = getattr(base, 'categories', None)
 
     def __len__(self):
         return len(self.idx)
@@ -187,18 +217,200 @@ def check_match_args(model: str, match: str, match_iou: float) -> None:
         raise UserError(f'--lt-match-iou {match_iou} is not an IoU threshold; pass a value in (0, 1], e.g. 0.5.')
 
 
+def runtime_options(args) -> Dict:
+    """The flags' torchvision detector settings that do not change the architecture (state dict): image size of
+    the internal transform (``--img-size``, else torchvision's 800 / 1333), proposal / RoI counts, detection cap
+    (R-CNN-only options are not passed to RetinaNet)."""
+    sizes = dict(min_size=args.img_size, max_size=args.img_size) if args.img_size else dict(min_size=800,
+                                                                                            max_size=1333)
+    if args.model == 'retinanet':
+        return dict(sizes, detections_per_img=args.detections_per_img)
+    return dict(sizes, rpn_pre_nms_top_n_train=args.rpn_pre_nms, rpn_post_nms_top_n_train=args.rpn_post_nms,
+                box_batch_size_per_image=args.box_batch_per_image, box_detections_per_img=args.detections_per_img)
+
+
 def detector_options(args) -> Dict:
     """Keyword arguments of :func:`lt_timm.detection.backbone.build_detector` from the flags (R-CNN-only options
     are not passed to RetinaNet)."""
-    size = args.img_size or 800
-    common = dict(pretrained=args.pretrained, min_size=size if args.img_size else 800,
-                  max_size=size if args.img_size else 1333, anchor_sizes=args.anchor_sizes,
-                  fpn_channels=args.fpn_channels)
-    if args.model == 'retinanet':
-        return dict(common, detections_per_img=args.detections_per_img)
-    return dict(common, rpn_pre_nms_top_n_train=args.rpn_pre_nms, rpn_post_nms_top_n_train=args.rpn_post_nms,
-                box_batch_size_per_image=args.box_batch_per_image, mask_head_channels=args.mask_head_channels,
-                box_head_dim=args.box_head_dim, box_detections_per_img=args.detections_per_img)
+    arch = dict(pretrained=args.pretrained, anchor_sizes=args.anchor_sizes, fpn_channels=args.fpn_channels)
+    if args.model != 'retinanet':
+        arch.update(mask_head_channels=args.mask_head_channels, box_head_dim=args.box_head_dim)
+    return dict(runtime_options(args), **arch)
+
+
+# ------------------------------------------------------------------- torchvision's COCO detectors (Table 6)
+def uses_coco_detector(detector_weights: str, detector_checkpoint: str) -> bool:
+    """``--detector-weights coco`` or ``--detector-checkpoint FILE``: torchvision's COCO detector is fine-tuned."""
+    return detector_weights == 'coco' or bool(detector_checkpoint)
+
+
+def check_coco_detector_args(model: str, backbone: str, pretrained: bool, checkpoint: str,
+                             arch_flags: Optional[Dict] = None) -> None:
+    """The flags that torchvision's COCO detectors fix (the paper's Table 6 fine-tunes them as they are): one-line
+    UserErrors naming the fix. ``arch_flags``: the values of :data:`COCO_FIXED_FLAGS`' flags."""
+    from .backbone import COCO_BACKBONE, COCO_DETECTORS
+    if model not in COCO_DETECTORS:
+        raise UserError(f'--model {model} has no torchvision COCO detector; use one of {tuple(COCO_DETECTORS)}.')
+    if backbone != COCO_BACKBONE:
+        raise UserError(f'torchvision\'s COCO detector {COCO_DETECTORS[model]} is built on ResNet-50 + FPN; pass '
+                        f'--backbone {COCO_BACKBONE} (got --backbone {backbone}).')
+    if pretrained:
+        raise UserError('--pretrained loads ImageNet backbone weights, which the COCO detector\'s weights replace; '
+                        'drop --pretrained.')
+    changed = {k: v for k, v in (arch_flags or {}).items() if k in COCO_FIXED_FLAGS and v != COCO_FIXED_FLAGS[k]}
+    if changed:
+        flags = ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in changed.items())
+        raise UserError(f'{flags} would change the COCO detector\'s architecture (its weights fit torchvision\'s '
+                        f'anchors and heads); drop {"them" if len(changed) > 1 else "it"}.')
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise _checkpoint_not_found(checkpoint, model)
+
+
+def _coco_url(model: str) -> str:
+    from .backbone import coco_detector_weights
+    return coco_detector_weights(model).url
+
+
+def _checkpoint_not_found(path: str, model: str) -> UserError:
+    return UserError(f'--detector-checkpoint {path} not found; pass the path of torchvision\'s COCO weights for '
+                     f'--model {model} ({_coco_url(model)}), or --detector-weights coco to download them.')
+
+
+def dataset_label_space(dataset: str, coco_detector: bool, reset_predictors: bool) -> str:
+    """``'coco_ids'`` when torchvision's COCO detector keeps its COCO predictors on a COCO dataset (it predicts
+    category ids), else ``'contiguous'``. A dataset whose labels cannot be COCO category ids (PennFudanPed) with the
+    COCO predictors is a UserError: ``--reset-predictors`` gives it fresh ones."""
+    if not coco_detector or reset_predictors:
+        return 'contiguous'
+    if dataset == 'coco':
+        return 'coco_ids'
+    raise UserError(f'--dataset {dataset}: its labels are not COCO category ids, which the COCO detector\'s '
+                    f'predictors output; pass --reset-predictors to fine-tune fresh class predictors for this '
+                    f'dataset (torchvision\'s fine-tuning tutorial), or train without --detector-weights / '
+                    f'--detector-checkpoint.')
+
+
+def check_coco_categories(categories: List[Dict], coco_names: List[str], where: str) -> None:
+    """Every category ``{'id', 'name'}`` of a ``coco_ids`` dataset must be the COCO detector's class of that id
+    (``coco_names[id]``, torchvision's ``COCO_V1.meta['categories']``): otherwise its predictions mean something
+    else."""
+    for c in categories:
+        cid, name = int(c['id']), str(c['name'])
+        have = coco_names[cid] if 0 < cid < len(coco_names) else None
+        if have != name or have == 'N/A':
+            what = f'COCO\'s category {cid} is {have!r}' if have and have != 'N/A' else \
+                f'the COCO detector has no category {cid}'
+            raise UserError(f'category {cid} {name!r} of {where} is not a COCO category ({what}): the COCO '
+                            f'detector predicts COCO category ids; pass --reset-predictors to fine-tune fresh class '
+                            f'predictors for this dataset.')
+
+
+def read_detector_state_dict(path: str, model: str) -> Dict[str, torch.Tensor]:
+    """The state dict in ``path``: a plain torchvision state dict (the COCO_V1 file), or a dict holding one as
+    ``model`` (torchvision's reference scripts) or ``state_dict`` (timm / this trainer). Problems are UserErrors."""
+    if not os.path.isfile(path):
+        raise _checkpoint_not_found(path, model)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            content = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        reason = 'it is empty (0 bytes)' if os.path.getsize(path) == 0 else \
+            f'truncated or corrupt: {lines[0][:160] if lines else type(e).__name__}'
+        raise UserError(f'--detector-checkpoint {path} is not a readable PyTorch file ({reason}); download it again '
+                        f'({_coco_url(model)}) or pass another copy.') from e
+    for key in ('model', 'state_dict'):
+        if isinstance(content, dict) and isinstance(content.get(key), dict):
+            content = content[key]
+            break
+    if not isinstance(content, dict) or not content or not all(torch.is_tensor(v) for v in content.values()):
+        raise UserError(f'--detector-checkpoint {path} holds no state dict (a dict of tensors, or one under '
+                        f'\'model\' / \'state_dict\'); pass torchvision\'s COCO weights file ({_coco_url(model)}).')
+    return content
+
+
+def load_detector_checkpoint(detector: torch.nn.Module, path: str, model: str) -> None:
+    """Load a torchvision-format state dict (:func:`read_detector_state_dict`) into torchvision's COCO detector,
+    every tensor exactly; a file of another architecture is one UserError listing what does not fit."""
+    from .backbone import COCO_DETECTORS
+    state = read_detector_state_dict(path, model)
+    own = detector.state_dict()
+    given = {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}  # FrozenBatchNorm2d drops them
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    shapes = [f'{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}' for k in own
+              if k in given and given[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f'{len(v)} {what} (e.g. {v[0]})' for what, v in (('missing keys', missing),
+                                                                   ('unexpected keys', unexpected),
+                                                                   ('shape mismatches, file vs model', shapes)) if v]
+        raise UserError(f'--detector-checkpoint {path} is not a state dict of torchvision\'s {COCO_DETECTORS[model]} '
+                        f'with 91 COCO classes: {"; ".join(parts)}; pass that detector\'s COCO weights '
+                        f'({_coco_url(model)}) or a checkpoint saved from it, matching --model {model} (a run of '
+                        f'this trainer continues with --resume).')
+    detector.load_state_dict(state)
+
+
+def build_model(model: str, backbone: str, num_classes: int, coco_detector: bool = False,
+                detector_checkpoint: str = '', reset_predictors: bool = False, options: Optional[Dict] = None,
+                runtime: Optional[Dict] = None) -> torch.nn.Module:
+    """The detector to train. Without ``coco_detector``: :func:`~lt_timm.detection.backbone.build_detector` with
+    ``options``. With it (the paper's Table 6): torchvision's COCO detector with ``runtime`` settings, its weights
+    from ``detector_checkpoint`` or else torchvision's weights API (``COCO_V1``), then, with ``reset_predictors``,
+    fresh class predictors for ``num_classes``."""
+    from .backbone import build_coco_detector, build_detector, load_coco_weights, reset_class_predictors
+    if not coco_detector:
+        return build_detector(model, backbone, num_classes, **(options or {}))
+    detector = build_coco_detector(model, **(runtime or {}))
+    if detector_checkpoint:
+        load_detector_checkpoint(detector, detector_checkpoint, model)
+    else:
+        load_coco_weights(detector, model)
+    if reset_predictors:
+        reset_class_predictors(detector, num_classes)
+    return detector
+
+
+# ------------------------------------------------------------------------------------------------ freezing
+def freeze_submodules(model: torch.nn.Module, names: List[str]) -> List[str]:
+    """Freeze the submodules ``names`` (dotted, as in ``model.named_modules()``, e.g. ``backbone.fpn``, ``rpn``:
+    the paper's Mask R-CNN* freezes FPN and RPN): their parameters get ``requires_grad = False``, so they get no
+    gradient and stay out of the optimizer. Their losses still count, and gradients still pass through them to the
+    layers below. Unknown names are a UserError listing the valid ones. Returns the frozen parameter names."""
+    modules = dict(model.named_modules())
+    for name in names:
+        if not name or name not in modules:
+            raise UserError(f'--freeze {name!r} is not a submodule of the detector; valid names: '
+                            f'{_valid_names_near(model, modules, name)}.')
+    frozen = []
+    for name in names:
+        for pname, p in modules[name].named_parameters(prefix=name):
+            p.requires_grad_(False)
+            frozen.append(pname)
+    return sorted(set(frozen))
+
+
+def _valid_names_near(model: torch.nn.Module, modules: Dict, name: str) -> str:
+    """The top-level submodule names, and the children of the deepest existing parent of ``name``."""
+    top = ', '.join(n for n, _ in model.named_children())
+    parent = name.rsplit('.', 1)[0] if '.' in name else ''
+    while parent and parent not in modules:
+        parent = parent.rsplit('.', 1)[0] if '.' in parent else ''
+    if not parent:
+        return top
+    children = ', '.join(f'{parent}.{n}' for n, _ in modules[parent].named_children())
+    return f'{top} (top level); {children}'
+
+
+def hold_frozen_norms(model: torch.nn.Module, names: List[str]) -> None:
+    """Put the BatchNorm layers inside the frozen submodules in eval mode (call after ``model.train()``): a frozen
+    module keeps its running statistics too (torchvision's COCO detectors use FrozenBatchNorm2d, which has none)."""
+    modules = dict(model.named_modules())
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+    for name in names:
+        for m in modules[name].modules():
+            if isinstance(m, norms):
+                m.eval()
 
 
 def build_sampler(args, num_images: int, world_size: int = 1, rank: int = 0):
@@ -293,13 +505,20 @@ def train(args) -> Dict:
     from ..modeling import all_finite
     from ..plots import plot_training_curves
     from timm import utils
-    from .backbone import build_detector
     from .consistency import InstanceLossTransform
     from .data import BlockBatchSampler, ReplicaDataset, eval_collate, replica_collate
     from .evaluate import coco_from_dataset, evaluate
     from .transforms import ReplicaAugment
 
     check_match_args(args.model, args.lt_match, args.lt_match_iou)
+    coco_detector = uses_coco_detector(args.detector_weights, args.detector_checkpoint)
+    if coco_detector:
+        check_coco_detector_args(args.model, args.backbone, args.pretrained, args.detector_checkpoint,
+                                 {k: getattr(args, k) for k in COCO_FIXED_FLAGS})
+    elif args.reset_predictors:
+        raise UserError('--reset-predictors replaces the COCO detector\'s class predictors; it needs '
+                        '--detector-weights coco or --detector-checkpoint FILE (or drop it).')
+    label_space = dataset_label_space(args.dataset, coco_detector, args.reset_predictors)
     if args.threads:
         torch.set_num_threads(args.threads)
     world, rank = _init_distributed(args)
@@ -308,12 +527,21 @@ def train(args) -> Dict:
         _logger.info(f'Training in distributed mode: process {rank}/{world}, device {args.device}.')
     device = torch.device(args.device)
     with_masks = args.model == 'maskrcnn'
-    train_base, tr_idx, val_base, va_idx = build_datasets(args)
+    train_base, tr_idx, val_base, va_idx = build_datasets(args, label_space)
     sampler = build_sampler(args, len(tr_idx), world, rank)
     num_classes = train_base.num_classes
+    if label_space == 'coco_ids':  # the COCO detector's 91 outputs = COCO category ids
+        from .backbone import coco_category_names
+        names = coco_category_names(args.model)
+        for ds in (train_base, val_base):
+            check_coco_categories(ds.categories, names, ds.ann_file)
+        num_classes = len(names)
 
     torch.manual_seed(args.seed)
-    model = build_detector(args.model, args.backbone, num_classes, **detector_options(args))
+    model = build_model(args.model, args.backbone, num_classes, coco_detector, args.detector_checkpoint,
+                        args.reset_predictors, detector_options(args), runtime_options(args))
+    args.freeze = list(args.freeze or [])  # a YAML 'freeze:' left empty is None
+    frozen = freeze_submodules(model, args.freeze)
     rho = args.lt_rho if args.loss == 'losstransform' else 0.0
     net = InstanceLossTransform(model, args.aug_repeats, rho=rho, box_weight=args.lt_box_weight,
                                 mask_weight=args.lt_mask_weight, min_visible=args.lt_min_visible,
@@ -352,6 +580,15 @@ def train(args) -> Dict:
             truncate_summary(os.path.join(out_dir, 'summary.csv'), start_epoch)
             with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
                 yaml.safe_dump(vars(args), f, sort_keys=False)
+            if coco_detector:
+                labels = ('COCO category ids' if getattr(train_base, 'label_space', '') == 'coco_ids'
+                          else f'1..{num_classes - 1} (fresh class predictors)')
+                source = args.detector_checkpoint or 'torchvision COCO_V1 (torch hub cache)'
+                _logger.info(f'torchvision\'s COCO detector for --model {args.model}, weights from {source}; '
+                             f'labels: {labels}.')
+            if args.freeze:
+                _logger.info(f'Frozen: {" ".join(args.freeze)} ({len(frozen)} parameter tensors); '
+                             f'{sum(q.numel() for q in params) / 1e6:.2f}M parameters trained.')
             _logger.info(
                 f'{args.model} on {args.backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
                 f'{len(tr_idx)} train / {len(va_idx)} val images, loss {args.loss} (rho {rho}, --lt-match '
@@ -401,6 +638,7 @@ def _train_epoch(args, epoch, train_net, net, params, opt, loader, train_ds, dev
     loader.batch_sampler.set_epoch(epoch)
     train_ds.set_epoch(epoch)
     net.train()
+    hold_frozen_norms(net.model, args.freeze)
     n_it = len(loader)
     keys, sums = None, None
     lr = lr_at(args, epoch, 0, n_it)
