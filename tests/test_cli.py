@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,12 +22,47 @@ RGB_FLAGS = ['--model', 'test_resnet', '--img-size', '32', '--device', 'cpu', '-
              '--workers', '0', '--log-interval', '5', '--no-plot']
 
 
-def run(script, *args, check=True, timeout=300):
-    p = subprocess.run([PYTHON, str(REPO / script), *map(str, args)], cwd=REPO, env=cli_env(),
+def run(script, *args, check=True, timeout=300, env=None):
+    p = subprocess.run([PYTHON, str(REPO / script), *map(str, args)], cwd=REPO, env=env or cli_env(),
                        capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f'{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
     return p
+
+
+def one_thread_env() -> dict:
+    """For CLI runs that overlap (see `start`): one OpenMP thread each, so that two runs do not fight over two cores.
+    Runs whose numbers a test compares all get it (same thread count, same arithmetic)."""
+    return dict(cli_env(), OMP_NUM_THREADS='1')
+
+
+def start(script, *args, env=None):
+    """`run` in the background: a CLI start is seconds of single-core import, so independent runs overlap (with
+    `one_thread_env` unless told otherwise). Output goes to files (no pipe to fill up); `finish` waits and returns
+    what `run` returns."""
+    out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
+    p = subprocess.Popen([PYTHON, str(REPO / script), *map(str, args)], cwd=REPO, env=env or one_thread_env(),
+                         stdout=out, stderr=err, text=True)
+    p.script, p.files = script, (out, err)
+    return p
+
+
+def finish(p, check=True, timeout=300):
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+    out, err = p.files
+    out.seek(0)
+    err.seek(0)
+    done = subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read())
+    out.close()
+    err.close()
+    if check and done.returncode != 0:
+        raise AssertionError(f'{p.script} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
+    return done
 
 
 def read_summary(path: Path):
@@ -49,7 +85,8 @@ def test_train_validate_checkpoint_on_real_digits(mnist_small, tmp_path):
     out = tmp_path / 'out'
     p = run('train.py', '--data-dir', mnist_small, *MNIST_FLAGS, '-b', '24', '--epochs', '8', '--lr', '0.1',
             '--warmup-epochs', '0', '--smoothing', '0', '--hflip', '0', '--scale', '0.7', '1.0',
-            '--loss', 'losstransform', '--aug-repeats', '3', '--output', out, '--experiment', 'lt')
+            '--loss', 'losstransform', '--aug-repeats', '3', '--output', out, '--experiment', 'lt',
+            env=one_thread_env())  # as the two validate.py runs below, which overlap
     run_dir = out / 'lt'
     # timm's summary columns in timm's order, ours appended
     assert (run_dir / 'summary.csv').read_text().splitlines()[0].split(',') == [
@@ -76,15 +113,21 @@ def test_train_validate_checkpoint_on_real_digits(mnist_small, tmp_path):
     # It learned: 3 real digit classes, well above chance (33 %).
     assert max(float(r['eval_top1']) for r in rows) > 70.0
 
-    # The checkpoint loads with timm's own factory and validate.py reproduces the best epoch's top-1.
+    # The checkpoint loads with timm's own factory and validate.py reproduces the best epoch's top-1 (and, in a
+    # second validate.py run at the same time, the last epoch's).
+    res, res_csv = tmp_path / 'val.json', tmp_path / 'val.csv'
+    best_run = start('validate.py', '--data-dir', mnist_small, '--split', 'val', '--model', 'test_resnet',
+                     '--checkpoint', run_dir / 'model_best.pth.tar', '--in-chans', '1', '--img-size', '28', '--mean',
+                     '0.1307', '--std', '0.3081', '--device', 'cpu', '-j', '0', '--consistency', '4', '--tta', '4',
+                     '--plot', tmp_path / 'fig3.png', '--results-file', res)
+    last_run = start('validate.py', '--data-dir', mnist_small, '--split', 'val', '--model', 'test_resnet',
+                     '--checkpoint', run_dir / 'last.pth.tar', '--in-chans', '1', '--img-size', '28', '--mean',
+                     '0.1307', '--std', '0.3081', '--device', 'cpu', '-j', '0', '--results-file', res_csv)
     model = timm.create_model('test_resnet', num_classes=3, in_chans=1,
                               checkpoint_path=str(run_dir / 'model_best.pth.tar'))
     assert model.num_classes == 3
-    res = tmp_path / 'val.json'
-    run('validate.py', '--data-dir', mnist_small, '--split', 'val', '--model', 'test_resnet', '--checkpoint',
-        run_dir / 'model_best.pth.tar', '--in-chans', '1', '--img-size', '28', '--mean', '0.1307', '--std', '0.3081',
-        '--device', 'cpu', '-j', '0', '--consistency', '4', '--tta', '4', '--plot', tmp_path / 'fig3.png',
-        '--results-file', res)
+    finish(best_run)
+    finish(last_run)
     r = json.loads(res.read_text())
     best = max(float(row['eval_top1']) for row in rows)
     assert r['top1'] == pytest.approx(best, abs=1e-3)
@@ -93,10 +136,6 @@ def test_train_validate_checkpoint_on_real_digits(mnist_small, tmp_path):
     assert r['top1_err'] == pytest.approx(100 - r['top1'], abs=1e-3) and r['img_size'] == 28
     assert 0 <= r['consistency_kl'] < 5 and 0 <= r['view_agreement'] <= 1 and 0 <= r['tta_top1'] <= 100
     assert (tmp_path / 'fig3.png').stat().st_size > 1000
-    res_csv = tmp_path / 'val.csv'
-    run('validate.py', '--data-dir', mnist_small, '--split', 'val', '--model', 'test_resnet', '--checkpoint',
-        run_dir / 'last.pth.tar', '--in-chans', '1', '--img-size', '28', '--mean', '0.1307', '--std', '0.3081',
-        '--device', 'cpu', '-j', '0', '--results-file', res_csv)
     with open(res_csv) as f:
         row = next(csv.DictReader(f))
     assert float(row['top1']) == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-3)
@@ -123,8 +162,8 @@ def test_yaml_config_round_trip(image_folder, tmp_path):
     assert_clean_failure(p, 'unknown keys', 'aug_repeat')
 
 
-def _kill_after_first_checkpoint(cmd, run_dir: Path, timeout=240):
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_after_first_checkpoint(cmd, run_dir: Path, timeout=240, env=None):
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -142,16 +181,18 @@ def test_killed_run_resumes_exactly(image_folder, tmp_path):
     common = [*RGB_FLAGS, '-b', '12', '--epochs', '4', '--lr', '0.05', '--warmup-epochs', '1', '--no-aug',
               '--loss', 'losstransform', '--aug-repeats', '3', '--model-ema', '--model-ema-decay', '0.9',
               '--seed', '3', '--output', tmp_path]
-    run('train.py', '--data-dir', image_folder, *common, '--experiment', 'straight')
-    straight = read_summary(tmp_path / 'straight' / 'summary.csv')
+    env = one_thread_env()  # all three runs: the uninterrupted one runs alongside the one that is killed
+    straight_run = start('train.py', '--data-dir', image_folder, *common, '--experiment', 'straight', env=env)
 
     cmd = [PYTHON, str(REPO / 'train.py'), '--data-dir', str(image_folder), *map(str, common), '--experiment', 'killed']
-    rc = _kill_after_first_checkpoint(cmd, tmp_path / 'killed')
+    rc = _kill_after_first_checkpoint(cmd, tmp_path / 'killed', env=env)
     ckpt = tmp_path / 'killed' / 'last.pth.tar'
     assert ckpt.exists()
     done = torch.load(ckpt, map_location='cpu', weights_only=False)['epoch']  # loads: written atomically
     assert rc != 0 or done == 3
-    run('train.py', '--data-dir', image_folder, *common, '--experiment', 'killed', '--resume', ckpt)
+    run('train.py', '--data-dir', image_folder, *common, '--experiment', 'killed', '--resume', ckpt, env=env)
+    finish(straight_run)
+    straight = read_summary(tmp_path / 'straight' / 'summary.csv')
     resumed = {int(r['epoch']): r for r in read_summary(tmp_path / 'killed' / 'summary.csv')}
     assert sorted(resumed)[-1] == 3
     for row in straight:
@@ -169,10 +210,11 @@ def test_killed_run_resumes_exactly(image_folder, tmp_path):
     (['--loss', 'losstransform', '--aug-repeats', '3', '--lt-rho', '-1'], ['--lt-rho']),
     (['--resume', '/nonexistent/last.pth.tar'], ['not found']),
 ])
-def test_bad_flags_fail_clearly(image_folder, tmp_path, extra, needles):
+def test_bad_flags_fail_clearly(image_folder, tmp_path, extra, needles, in_process):
+    """train.py's main in this process (same door, exit 2, one error line); the other tests here run the process."""
     args = ['--data-dir', image_folder, *RGB_FLAGS, '-b', '12', '--epochs', '1', '--output', tmp_path,
             '--experiment', 'bad'] + extra
-    p = run('train.py', *args, check=False)
+    p = in_process('train.py', *args, check=False)
     assert_clean_failure(p, *needles)
     assert not list(tmp_path.rglob('*.pth.tar'))
 
@@ -198,12 +240,12 @@ def test_incompatible_checkpoint(image_folder, tmp_path):
     other = timm.create_model('test_resnet', num_classes=7)
     ckpt = tmp_path / 'other.pth'
     torch.save({'state_dict': other.state_dict()}, ckpt)
-    p = run('train.py', '--data-dir', image_folder, *RGB_FLAGS, '-b', '12', '--epochs', '1',
-            '--initial-checkpoint', ckpt, '--output', tmp_path / 'out', check=False)
-    assert_clean_failure(p, 'does not fit', 'other.pth')
-    p = run('validate.py', '--data-dir', image_folder, '--split', 'val', '--model', 'test_resnet', '--checkpoint', ckpt,
-            '--device', 'cpu', '-j', '0', check=False)
-    assert_clean_failure(p, 'does not fit')
+    train_run = start('train.py', '--data-dir', image_folder, *RGB_FLAGS, '-b', '12', '--epochs', '1',
+                      '--initial-checkpoint', ckpt, '--output', tmp_path / 'out')
+    validate_run = start('validate.py', '--data-dir', image_folder, '--split', 'val', '--model', 'test_resnet',
+                         '--checkpoint', ckpt, '--device', 'cpu', '-j', '0')
+    assert_clean_failure(finish(train_run, check=False), 'does not fit', 'other.pth')
+    assert_clean_failure(finish(validate_run, check=False), 'does not fit')
 
 
 def test_nan_loss_stops_with_message(image_folder, tmp_path):
@@ -213,11 +255,13 @@ def test_nan_loss_stops_with_message(image_folder, tmp_path):
     assert not list((tmp_path / 'out').rglob('tmp.pth.tar'))
 
 
-def test_rsb_recipe_bce_mixup_cutmix_under_losstransform(image_folder, tmp_path):
-    """ResNet-strikes-back style: BCE + mixup 0.1 / cutmix 1.0 + RandAugment + repeats 3, T(L) on top."""
-    run('train.py', '--data-dir', image_folder, *RGB_FLAGS, '-b', '12', '--epochs', '1', '--bce-loss',
-        '--bce-target-thresh', '0.2', '--mixup', '0.1', '--cutmix', '1.0', '--aa', 'rand-m7-mstd0.5-inc1',
-        '--smoothing', '0', '--aug-repeats', '3', '--loss', 'losstransform', '--output', tmp_path, '--experiment', 'rsb')
+def test_rsb_recipe_bce_mixup_cutmix_under_losstransform(image_folder, tmp_path, in_process):
+    """ResNet-strikes-back style: BCE + mixup 0.1 / cutmix 1.0 + RandAugment + repeats 3, T(L) on top (train.py's
+    main in this process)."""
+    in_process('train.py', '--data-dir', image_folder, *RGB_FLAGS, '-b', '12', '--epochs', '1', '--bce-loss',
+               '--bce-target-thresh', '0.2', '--mixup', '0.1', '--cutmix', '1.0', '--aa', 'rand-m7-mstd0.5-inc1',
+               '--smoothing', '0', '--aug-repeats', '3', '--loss', 'losstransform', '--output', tmp_path,
+               '--experiment', 'rsb')
     rows = read_summary(tmp_path / 'rsb' / 'summary.csv')
     assert float(rows[0]['train_loss_consistency']) > 0
     text = (tmp_path / 'rsb' / 'args.yaml').read_text()
@@ -244,12 +288,13 @@ def test_torchrun_two_processes_gloo(image_folder, tmp_path):
 
 def test_jsd_peer_runs_with_aug_splits(image_folder, tmp_path):
     """The AugMix JSD peer (timm JsdCrossEntropy over --aug-splits) trains through the same CLI."""
-    run('train.py', '--data-dir', image_folder, *RGB_FLAGS, '-b', '12', '--epochs', '1', '--loss', 'jsd',
-        '--aug-splits', '3', '--output', tmp_path, '--experiment', 'jsd')
+    jsd_run = start('train.py', '--data-dir', image_folder, *RGB_FLAGS, '-b', '12', '--epochs', '1', '--loss', 'jsd',
+                    '--aug-splits', '3', '--output', tmp_path, '--experiment', 'jsd')
+    refused_run = start('train.py', '--data-dir', image_folder, *RGB_FLAGS, '--loss', 'jsd')
+    finish(jsd_run)
     assert 'loss: jsd' in (tmp_path / 'jsd' / 'args.yaml').read_text()
     assert len(read_summary(tmp_path / 'jsd' / 'summary.csv')) == 1
-    p = run('train.py', '--data-dir', image_folder, *RGB_FLAGS, '--loss', 'jsd', check=False)
-    assert_clean_failure(p, '--aug-splits')
+    assert_clean_failure(finish(refused_run, check=False), '--aug-splits')
 
 
 def test_torchcompile_trains_the_same_run_and_saves_loadable_weights(image_folder, tmp_path):
@@ -257,8 +302,11 @@ def test_torchcompile_trains_the_same_run_and_saves_loadable_weights(image_folde
     through the captured graphs on CPU): same losses and accuracy as eager, checkpoint without '_orig_mod.' keys."""
     common = [*RGB_FLAGS, '-b', '12', '--epochs', '1', '--warmup-epochs', '0', '--loss', 'losstransform',
               '--aug-repeats', '3', '--output', tmp_path]
-    eager = run('train.py', '--data-dir', image_folder, *common, '--experiment', 'eager')
-    comp = run('train.py', '--data-dir', image_folder, *common, '--experiment', 'compiled', '--torchcompile', 'aot_eager')
+    eager_run = start('train.py', '--data-dir', image_folder, *common, '--experiment', 'eager')
+    comp_run = start('train.py', '--data-dir', image_folder, *common, '--experiment', 'compiled',
+                     '--torchcompile', 'aot_eager')
+    finish(eager_run)
+    comp = finish(comp_run)
     assert 'Compiling model and loss with backend=aot_eager' in comp.stdout + comp.stderr
     (a,), (b,) = read_summary(tmp_path / 'eager' / 'summary.csv'), read_summary(tmp_path / 'compiled' / 'summary.csv')
     for key in ('train_loss', 'train_loss_consistency', 'eval_loss'):

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,26 +15,48 @@ from PIL import Image
 import timm
 from lt_timm.data import check_images, load_folder_dataset
 from lt_timm.errors import UserError
-from conftest import PYTHON, REPO, cli_env, make_image_folder
-from test_cli import RGB_FLAGS, _kill_after_first_checkpoint, assert_clean_failure, read_summary, run
+from conftest import PYTHON, REPO, make_image_folder
+from test_cli import (RGB_FLAGS, _kill_after_first_checkpoint, assert_clean_failure, finish, one_thread_env,
+                      read_summary, run, start)
 
 TRAIN = [*RGB_FLAGS, '--epochs', '1', '--warmup-epochs', '0']
 
 
-def train(data, out, *extra, check=True, experiment='r'):
-    return run('train.py', '--data-dir', data, *TRAIN, '-b', '12', '--output', out, '--experiment', experiment,
+def train(data, out, *extra, check=True, experiment='r', via=run):
+    """train.py with the tiny defaults; ``via=in_process`` (the fixture) calls its main in this process."""
+    return via('train.py', '--data-dir', data, *TRAIN, '-b', '12', '--output', out, '--experiment', experiment,
                *extra, check=check)
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+    """One finished 2-epoch run, ``(data, run folder)``, by a real train.py process: tests that need a run to rerun,
+    lock or resume copy it (`copy_run`) instead of each training their own."""
+    root = tmp_path_factory.mktemp('finished_run')
+    data = make_image_folder(root / 'd')
+    train(data, root / 'out', '--epochs', '2')
+    run_dir = root / 'out' / 'r'
+    assert [int(r['epoch']) for r in read_summary(run_dir / 'summary.csv')] == [0, 1]
+    assert not (run_dir / '.lock').exists()
+    return data, run_dir
+
+
+def copy_run(finished_run, out: Path) -> Path:
+    """``finished_run``'s folder as ``<out>/r``, this test's own (as if ``train(data, out, '--epochs', '2')``)."""
+    run_dir = out / 'r'
+    shutil.copytree(finished_run[1], run_dir)
+    return run_dir
 
 
 # ---------------------------------------------------------------- divergence: only good states are saved
 
-def test_blow_up_on_the_last_step_of_an_epoch_saves_nothing_bad(tmp_path):
+def test_blow_up_on_the_last_step_of_an_epoch_saves_nothing_bad(tmp_path, in_process):
     """One step per epoch; epoch 0 warms up at lr 0, epoch 1's step (huge weight decay) sends the weights to inf."""
     data = make_image_folder(tmp_path / 'd', classes=3, per_class=4)
     out = tmp_path / 'out'
-    p = run('train.py', '--data-dir', data, *RGB_FLAGS, '-b', '12', '--epochs', '3', '--lr', '1e10', '--weight-decay', '1e30',
-            '--warmup-epochs', '1', '--warmup-lr', '0', '--output', out,
-            '--experiment', 'boom', '--loss', 'losstransform', '--aug-repeats', '3', check=False)
+    p = in_process('train.py', '--data-dir', data, *RGB_FLAGS, '-b', '12', '--epochs', '3', '--lr', '1e10',
+                   '--weight-decay', '1e30', '--warmup-epochs', '1', '--warmup-lr', '0', '--output', out,
+                   '--experiment', 'boom', '--loss', 'losstransform', '--aug-repeats', '3', check=False)
     last = out / 'boom' / 'last.pth.tar'
     assert_clean_failure(p, 'diverged in epoch 1', 'no longer finite', f'--resume {last}', 'end of epoch 0')
     state = torch.load(last, map_location='cpu', weights_only=False)
@@ -44,25 +67,26 @@ def test_blow_up_on_the_last_step_of_an_epoch_saves_nothing_bad(tmp_path):
 
 
 @pytest.mark.parametrize('loss', [['--loss', 'ce'], ['--loss', 'losstransform', '--aug-repeats', '3']])
-def test_nan_loss_names_the_step_and_the_checkpoint(tmp_path, loss):
+def test_nan_loss_names_the_step_and_the_checkpoint(tmp_path, loss, in_process):
     data = make_image_folder(tmp_path / 'd')
-    p = train(data, tmp_path / 'out', '--lr', '1e30', '--epochs', '2', '--check-loss-every-step', *loss, check=False)
+    p = train(data, tmp_path / 'out', '--lr', '1e30', '--epochs', '2', '--check-loss-every-step', *loss, check=False,
+              via=in_process)
     assert_clean_failure(p, 'at epoch 0 step', 'not applied', 'start again')
 
 
-def test_nan_loss_without_per_step_sync_is_caught_at_the_log_interval(tmp_path):
+def test_nan_loss_without_per_step_sync_is_caught_at_the_log_interval(tmp_path, in_process):
     """Default: the loss is summed on the device and read every --log-interval steps (no per-step host sync)."""
     data = make_image_folder(tmp_path / 'd', classes=3, per_class=8)
     p = train(data, tmp_path / 'out', '--lr', '1e30', '--epochs', '2', '-b', '6', '--log-interval', '2',
-              '--loss', 'losstransform', '--aug-repeats', '3', check=False, experiment='n')
-    assert_clean_failure(p, 'at epoch 0 between steps 0 and 1', '--log-interval 2', 'nothing of this epoch was saved',
+              '--loss', 'losstransform', '--aug-repeats', '3', check=False, experiment='n', via=in_process)
+    assert_clean_failure(p, 'at epoch 0 between steps 1 and 2', '--log-interval 2', 'nothing of this epoch was saved',
                          'start again')
     assert not list((tmp_path / 'out' / 'n').glob('*.pth.tar'))
 
 
 # ---------------------------------------------------------------- one class map per run
 
-def test_val_split_missing_a_class_keeps_the_labels(tmp_path):
+def test_val_split_missing_a_class_keeps_the_labels(tmp_path, in_process):
     data = make_image_folder(tmp_path / 'd', classes=3, per_class=8)
     for f in (data / 'val' / 'class0').iterdir():
         f.unlink()
@@ -73,7 +97,7 @@ def test_val_split_missing_a_class_keeps_the_labels(tmp_path):
     assert all(train_map[Path(p).parent.name] == t for p, t in val.reader.samples)
 
     out = tmp_path / 'out'
-    train(data, out, '--epochs', '2', '--lr', '0.05')
+    train(data, out, '--epochs', '2', '--lr', '0.05', via=in_process)  # one thread, as validate.py's process below
     run_dir = out / 'r'
     assert (run_dir / 'class_map.txt').read_text().split() == ['class0', 'class1', 'class2']
     saved = torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=False)['args']
@@ -81,16 +105,17 @@ def test_val_split_missing_a_class_keeps_the_labels(tmp_path):
     (run_dir / 'class_map.txt').unlink()  # the checkpoint alone carries the map
     res = tmp_path / 'v.json'
     run('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--img-size', '32',
-        '--checkpoint', run_dir / 'last.pth.tar', '--device', 'cpu', '-j', '0', '--results-file', res)
+        '--checkpoint', run_dir / 'last.pth.tar', '--device', 'cpu', '-j', '0', '--results-file', res,
+        env=one_thread_env())
     rows = read_summary(run_dir / 'summary.csv')
     assert json.loads(res.read_text())['top1'] == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-3)
 
 
-def test_val_split_with_an_extra_class_is_refused(tmp_path):
+def test_val_split_with_an_extra_class_is_refused(tmp_path, in_process):
     data = make_image_folder(tmp_path / 'd', classes=3, per_class=8)
     make_image_folder(tmp_path / 'x', classes=4, per_class=2, splits=('val',))
     (tmp_path / 'x' / 'val' / 'class3').rename(data / 'val' / 'zebra')
-    p = train(data, tmp_path / 'out', check=False)
+    p = train(data, tmp_path / 'out', check=False, via=in_process)
     assert_clean_failure(p, "split 'val'", "['zebra']", 'training split does not have')
     assert not (tmp_path / 'out').exists()
 
@@ -116,44 +141,43 @@ def _write(folder: Path, name: str, kind: str) -> Path:
 
 
 @pytest.mark.parametrize('kind', ['rgba', 'palette', '16bit'])
-def test_other_image_modes_train_as_rgb(tmp_path, kind):
+def test_other_image_modes_train_as_rgb(tmp_path, kind, in_process):
     data = make_image_folder(tmp_path / 'd')
     _write(data / 'train' / 'class1', f'odd.png', kind)
     ds = load_folder_dataset('', str(data), 'train', True)
     img, _ = ds[[Path(p).name for p, _ in ds.reader.samples].index('odd.png')]
     assert img.mode == 'RGB'
-    train(data, tmp_path / 'out', '--check-images', 'decode')
+    train(data, tmp_path / 'out', '--check-images', 'decode', via=in_process)
 
 
 @pytest.mark.parametrize('kind,name', [('text', 'notes.jpg'), ('truncated', 'cut.jpg')])
-def test_broken_image_stops_before_the_first_step(tmp_path, kind, name):
+def test_broken_image_stops_before_the_first_step(tmp_path, kind, name, in_process):
     data = make_image_folder(tmp_path / 'd')
     bad = _write(data / 'train' / 'class2', name, kind)
-    p = train(data, tmp_path / 'out', check=False)
+    p = train(data, tmp_path / 'out', check=False, via=in_process)
     assert_clean_failure(p, str(bad), '--check-images none')
     assert not (tmp_path / 'out').exists()  # nothing written
     with pytest.raises(UserError, match=str(bad)):
         check_images([str(bad)], 'decode')
 
 
-def test_broken_image_met_during_training_is_named(tmp_path):
+def test_broken_image_met_during_training_is_named(tmp_path, in_process):
     data = make_image_folder(tmp_path / 'd')
     bad = _write(data / 'train' / 'class0', 'cut.jpg', 'truncated')
-    p = train(data, tmp_path / 'out', '--check-images', 'none', check=False)
+    p = train(data, tmp_path / 'out', '--check-images', 'none', check=False, via=in_process)
     assert_clean_failure(p, f'cannot read image {bad}')
 
 
 # ---------------------------------------------------------------- output folders
 
-def test_rerun_never_overwrites_a_finished_run(tmp_path):
-    data = make_image_folder(tmp_path / 'd')
-    out = tmp_path / 'out'
-    train(data, out, '--epochs', '2')
+def test_rerun_never_overwrites_a_finished_run(finished_run, tmp_path, in_process):
+    data, out = finished_run[0], tmp_path / 'out'
+    copy_run(finished_run, out)
     first = {f: (out / 'r' / f).read_bytes() for f in ('model_best.pth.tar', 'summary.csv', 'args.yaml')}
-    p = train(data, out, '--lt-rho', '0.5')
+    p = train(data, out, '--lt-rho', '0.5', via=in_process)
     assert 'holds another run' in p.stderr + p.stdout
     assert (out / 'r-1' / 'summary.csv').exists()
-    p = train(data, out, '-b', '0', check=False)  # a failed rerun touches nothing either
+    p = train(data, out, '-b', '0', check=False, via=in_process)  # a failed rerun touches nothing either
     assert_clean_failure(p, '-b/--batch-size must be >= 1')
     assert {f: (out / 'r' / f).read_bytes() for f in first} == first
     assert not (out / 'r-2').exists()
@@ -164,7 +188,7 @@ def test_two_concurrent_runs_write_separate_folders(tmp_path):
     out = tmp_path / 'out'
     cmd = [PYTHON, str(REPO / 'train.py'), '--data-dir', str(data), *TRAIN, '-b', '12', '--output', str(out),
            '--experiment', 'same']
-    procs = [subprocess.Popen(cmd + ['--seed', str(s)], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(cmd + ['--seed', str(s)], cwd=REPO, env=one_thread_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for s in (1, 2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
@@ -173,19 +197,19 @@ def test_two_concurrent_runs_write_separate_folders(tmp_path):
     assert not list(out.rglob('.lock'))
 
 
-def test_lock_held_by_a_live_process_refuses_a_second_writer(tmp_path):
-    data = make_image_folder(tmp_path / 'd')
-    out = tmp_path / 'out'
-    train(data, out, '--epochs', '2')
+def test_lock_held_by_a_live_process_refuses_a_second_writer(finished_run, tmp_path, in_process):
+    data, out = finished_run[0], tmp_path / 'out'
+    copy_run(finished_run, out)
     sleeper = subprocess.Popen(['sleep', '60'])
     try:
         (out / 'r' / '.lock').write_text(str(sleeper.pid))
-        p = train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar', check=False)
+        p = train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar', check=False)  # a process
         assert_clean_failure(p, f'another run (pid {sleeper.pid})')
     finally:
         sleeper.kill()
         sleeper.wait()
-    p = train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar')  # stale lock: taken over
+    p = train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar',
+              via=in_process)  # stale lock: taken over
     assert 'taking over the lock' in p.stdout + p.stderr
     assert [int(r['epoch']) for r in read_summary(out / 'r' / 'summary.csv')] == [0, 1, 2]
 
@@ -210,15 +234,14 @@ def test_summary_rows_are_timms_then_ours_and_stay_aligned(tmp_path):
     assert all(None not in r for r in rows)  # no value without a column
 
 
-def test_resume_drops_summary_rows_past_the_checkpoint(tmp_path):
+def test_resume_drops_summary_rows_past_the_checkpoint(finished_run, tmp_path, in_process):
     """A kill between the checkpoint and its summary row (or the reverse) never leaves an epoch twice."""
-    data = make_image_folder(tmp_path / 'd')
-    out = tmp_path / 'out'
-    train(data, out, '--epochs', '2')
+    data, out = finished_run[0], tmp_path / 'out'
+    copy_run(finished_run, out)
     summary = out / 'r' / 'summary.csv'
     lines = summary.read_text().splitlines()
     summary.write_text('\n'.join(lines + [lines[-1].replace('1,', '2,', 1)]) + '\n')  # a row with no checkpoint
-    train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar')
+    train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar', via=in_process)
     assert [int(r['epoch']) for r in read_summary(summary)] == [0, 1, 2]
 
 
@@ -242,23 +265,21 @@ def _checkpoints(tmp_path: Path):
 @pytest.mark.parametrize('kind,needle', [('empty', 'is empty (0 bytes)'), ('garbage', 'not a readable PyTorch file'),
                                          ('list', 'holds a list, not model weights'),
                                          ('truncated', 'not a readable PyTorch file')])
-def test_bad_checkpoint_files_are_named(tmp_path, kind, needle):
-    """Every kind through the shared loader in-process, and through the CLIs' doors: all three for the subtle
-    truncated file, one door each (rotating) for the others (every CLI start costs seconds)."""
+def test_bad_checkpoint_files_are_named(tmp_path, kind, needle, in_process):
+    """Every kind through the shared loader, and through all three of the CLIs' doors (their mains in this process:
+    the same exit_on_user_error door; test_cli's test_incompatible_checkpoint runs both scripts as processes)."""
     from lt_timm.modeling import load_weights
     path = _checkpoints(tmp_path)[kind]
     with pytest.raises(UserError, match=re.escape(needle)):
         load_weights(timm.create_model('test_resnet', num_classes=3), str(path), '--model test_resnet')
-    doors = {'empty': ['--initial-checkpoint'], 'garbage': ['--resume'], 'list': ['validate'],
-             'truncated': ['--initial-checkpoint', '--resume', 'validate']}[kind]
     data = make_image_folder(tmp_path / 'd')
-    for door in doors:
+    for door in ('--initial-checkpoint', '--resume', 'validate'):
         if door == 'validate':
-            p = run('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--checkpoint',
-                    path, '--device', 'cpu', '-j', '0', check=False)
+            p = in_process('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet',
+                           '--checkpoint', path, '--device', 'cpu', '-j', '0', check=False)
             assert_clean_failure(p, needle)
         else:
-            p = train(data, tmp_path / 'out', door, path, check=False)
+            p = train(data, tmp_path / 'out', door, path, check=False, via=in_process)
             assert_clean_failure(p, str(path), needle)
 
 
@@ -266,10 +287,10 @@ def test_bad_checkpoint_files_are_named(tmp_path, kind, needle):
     ('model: [unclosed\n', ['not valid YAML', 'line']),
     ('- aug_repeats\n- 3\n', ['holds a list, not a mapping']),
 ])
-def test_bad_yaml_is_named(tmp_path, content, needles):
+def test_bad_yaml_is_named(tmp_path, content, needles, in_process):
     cfg = tmp_path / 'recipe.yaml'
     cfg.write_text(content)
-    p = run('train.py', '--data-dir', make_image_folder(tmp_path / 'd'), '-c', cfg, check=False)
+    p = in_process('train.py', '--data-dir', make_image_folder(tmp_path / 'd'), '-c', cfg, check=False)
     assert_clean_failure(p, str(cfg), *needles)
 
 
@@ -279,19 +300,20 @@ def test_bad_yaml_is_named(tmp_path, content, needles):
     (['--loss', 'losstransform', '--aug-repeats', '3', '--lt-rho', 'inf'], ['--lt-rho must be a finite number']),
     (['-b', '48'], ['fewer than one batch of 48', 'lower -b']),
 ])
-def test_bad_values_fail_before_training(tmp_path, extra, needles):
-    p = train(make_image_folder(tmp_path / 'd'), tmp_path / 'out', *extra, check=False)
+def test_bad_values_fail_before_training(tmp_path, extra, needles, in_process):
+    p = train(make_image_folder(tmp_path / 'd'), tmp_path / 'out', *extra, check=False, via=in_process)
     assert_clean_failure(p, *needles)
     assert not list((tmp_path / 'out').rglob('*.pth.tar'))
 
 
-def test_lr_with_resume_is_refused_not_ignored(tmp_path):
-    data = make_image_folder(tmp_path / 'd')
-    out = tmp_path / 'out'
-    train(data, out, '--lr', '0.05')
-    p = train(data, out, '--lr', '0.5', '--epochs', '2', '--resume', out / 'r' / 'last.pth.tar', check=False)
-    assert_clean_failure(p, '--lr 0.5 differs', '0.05')
-    train(data, out, '--lr', '0.05', '--epochs', '2', '--resume', out / 'r' / 'last.pth.tar')  # same lr: fine
+def test_lr_with_resume_is_refused_not_ignored(finished_run, tmp_path, in_process):
+    data, out = finished_run[0], tmp_path / 'out'
+    last = copy_run(finished_run, out) / 'last.pth.tar'
+    lr = torch.load(last, map_location='cpu', weights_only=False)['args'].lr  # the run's (from --lr-base: 0.0046875)
+    assert lr != 0.5
+    p = train(data, out, '--lr', '0.5', '--epochs', '3', '--resume', last, check=False, via=in_process)
+    assert_clean_failure(p, '--lr 0.5 differs', f"resumed run's lr {lr}")
+    train(data, out, '--lr', lr, '--epochs', '3', '--resume', last, via=in_process)  # same lr: fine
 
 
 # ---------------------------------------------------------------- exact resume with augmentation and a worker
@@ -301,13 +323,15 @@ def test_killed_run_with_augmentation_resumes_exactly(tmp_path):
     common = [*RGB_FLAGS[:-3], '--workers', '1', '--no-plot', '-b', '12', '--epochs', '4', '--lr', '0.05',
               '--warmup-epochs', '0', '--loss', 'losstransform', '--aug-repeats', '3', '--mixup', '0.2',
               '--no-prefetcher', '--reprob', '0.25', '--seed', '5', '--output', tmp_path]
-    run('train.py', '--data-dir', data, *common, '--experiment', 'straight')
-    straight = read_summary(tmp_path / 'straight' / 'summary.csv')
+    env = one_thread_env()  # all three runs: the uninterrupted one runs alongside the one that is killed
+    straight_run = start('train.py', '--data-dir', data, *common, '--experiment', 'straight', env=env)
     cmd = [PYTHON, str(REPO / 'train.py'), '--data-dir', str(data), *map(str, common), '--experiment', 'killed']
-    _kill_after_first_checkpoint(cmd, tmp_path / 'killed')
+    _kill_after_first_checkpoint(cmd, tmp_path / 'killed', env=env)
     ckpt = tmp_path / 'killed' / 'last.pth.tar'
     done = torch.load(ckpt, map_location='cpu', weights_only=False)['epoch']
-    run('train.py', '--data-dir', data, *common, '--experiment', 'killed', '--resume', ckpt)
+    run('train.py', '--data-dir', data, *common, '--experiment', 'killed', '--resume', ckpt, env=env)
+    finish(straight_run)
+    straight = read_summary(tmp_path / 'straight' / 'summary.csv')
     resumed = {int(r['epoch']): r for r in read_summary(tmp_path / 'killed' / 'summary.csv')}
     assert sorted(resumed) == [0, 1, 2, 3]
     assert done < 3
