@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from contextlib import suppress
 from functools import partial
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from timm import utils

@@ -1,7 +1,6 @@
 """End-to-end runs of train.py / validate.py on tiny real and generated images (no mocks)."""
 import csv
 import json
-import os
 import re
 import signal
 import subprocess

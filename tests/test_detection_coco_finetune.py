@@ -21,14 +21,15 @@ import yaml
 from torchvision.models import WeightsEnum
 
 from conftest import REPO
-from lt_timm.detection.backbone import (COCO_DETECTORS, build_coco_detector, build_detector, coco_category_names,
-                                        coco_detector_weights, reset_class_predictors)
+from lt_timm.detection.backbone import (COCO_DETECTORS, build_detector, coco_category_names, coco_detector_weights,
+                                        reset_class_predictors)
 from lt_timm.detection.consistency import InstanceLossTransform
 from lt_timm.detection.data import CocoDetectionDataset, ReplicaDataset, replica_collate
 from lt_timm.detection.evaluate import coco_ap, coco_from_dataset, predictions_to_coco
-from lt_timm.detection.train import (COCO_FIXED_FLAGS, build_model, check_coco_categories, check_coco_detector_args,
-                                     check_match_args, dataset_label_space, freeze_submodules, hold_frozen_norms,
-                                     load_detector_checkpoint, main, parse_args, read_detector_state_dict)
+from lt_timm.detection.finetune import (COCO_FIXED_FLAGS, build_model, check_coco_categories,
+                                        check_coco_detector_args, dataset_label_space, freeze_submodules,
+                                        hold_frozen_norms, load_detector_checkpoint, read_detector_state_dict)
+from lt_timm.detection.train import check_match_args, main, parse_args
 from lt_timm.detection.transforms import ReplicaAugment
 from lt_timm.errors import UserError
 

@@ -1,7 +1,6 @@
 """Every classification recipe in configs/ parses and passes train.py's checks, with the layout rules the paper needs."""
 import glob
 import os
-from types import SimpleNamespace
 
 import pytest
 import yaml

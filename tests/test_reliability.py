@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,7 @@ def _write(folder: Path, name: str, kind: str) -> Path:
 @pytest.mark.parametrize('kind', ['rgba', 'palette', '16bit'])
 def test_other_image_modes_train_as_rgb(tmp_path, kind, in_process):
     data = make_image_folder(tmp_path / 'd')
-    _write(data / 'train' / 'class1', f'odd.png', kind)
+    _write(data / 'train' / 'class1', 'odd.png', kind)
     ds = load_folder_dataset('', str(data), 'train', True)
     img, _ = ds[[Path(p).name for p, _ in ds.reader.samples].index('odd.png')]
     assert img.mode == 'RGB'

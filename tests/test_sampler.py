@@ -1,9 +1,7 @@
 """RepeatedAugBatchSampler, all ranks simulated in one process (num_replicas=W, rank=r)."""
-import math
 import random
 
 import pytest
-import torch
 
 from lt_timm import RepeatedAugBatchSampler
 from lt_timm.layout import block_sizes
