@@ -126,7 +126,8 @@ def main():
         run_dir = os.path.join(a.output, f'{method}-s{seed}')
         if a.reuse and finished(run_dir):  # wall time of a reused run: the sum of its epochs' train + eval times
             curve = read_summary(os.path.join(run_dir, 'summary.csv'))
-            wall = sum((c.get('train_epoch_time') or 0) + (c.get('eval_time') or 0) for c in curve)
+            wall = sum(v for c in curve for v in (c.get('train_epoch_time'), c.get('eval_time'))
+                       if v is not None and v == v)  # NaN: no evaluation that epoch
             runs.append(collect(run_dir, method, seed, wall))
             print(f'reusing {run_dir}', flush=True)
         else:
