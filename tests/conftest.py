@@ -14,6 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """Every test leaves the root logger as it found it: a script's ``main`` run in-process adds a console handler
+    (timm's ``setup_default_logging``) bound to that test's captured stderr, which is closed after the test."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
+
+
 @pytest.fixture(scope='module')
 def one_thread():
     """Tiny tensors: one intra-op thread is ~10x faster than OpenMP threads competing on a loaded 2-core machine."""
@@ -104,6 +114,7 @@ def in_process(capsys, monkeypatch):
         monkeypatch.setattr(sys, 'argv', argv)
         monkeypatch.delenv('LT_TIMM_DEBUG', raising=False)  # as cli_env(): errors as one line, not a traceback
         handlers, level = logging.root.handlers[:], logging.root.level
+        logging.root.handlers[:] = []  # the script sets up its own console handler on this call's stderr
         rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
