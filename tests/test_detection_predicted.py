@@ -341,18 +341,24 @@ def test_retinanet_backbone_and_anchors():
         build_detector('retinanet', 'mobilenetv3_small_050', 2, anchor_sizes=[8, 16])
 
 
+def _retinanet_head(r, images):
+    """RetinaNet's own forward up to its head (no grad by the caller): image list, head outputs, anchors and the
+    number of anchors per level (counted here from the feature maps, independently of the library)."""
+    il, _ = r.transform(images)
+    feats = list(r.backbone(il.tensors).values())
+    out = r.head(feats)
+    anchors = r.anchor_generator(il, feats)
+    hw = [f.shape[-2] * f.shape[-1] for f in feats]
+    return il, out, anchors, [v * (out['cls_logits'].shape[1] // sum(hw)) for v in hw]
+
+
 def test_retinanet_detections_equal_torchvision_postprocess():
     """The index-keeping post-processing gives torchvision's detections, and each anchor index decodes to its box."""
     r = _tiny('retinanet', score_thresh=0.005, detections_per_img=40).eval()
     img, _ = _scene()
     with torch.no_grad():
         expected = r([img])[0]
-        il, _ = r.transform([img])
-        feats = list(r.backbone(il.tensors).values())
-        out = r.head(feats)
-        anchors = r.anchor_generator(il, feats)
-        hw = [f.shape[-2] * f.shape[-1] for f in feats]
-        levels = [v * (out['cls_logits'].shape[1] // sum(hw)) for v in hw]
+        il, out, anchors, levels = _retinanet_head(r, [img])
         boxes, scores, labels, idx = retinanet_detections(r, out, anchors, levels, il.image_sizes)
     assert boxes[0].shape[0] == 40
     assert torch.equal(boxes[0], expected['boxes']) and torch.equal(scores[0], expected['scores'])
@@ -419,12 +425,7 @@ def test_retinanet_class_term_is_summed_bernoulli_kl():
     w = InstanceLossTransform(r, 2, match='predicted').train()
     w(images, targets, params)
     with torch.no_grad():
-        il, _ = r.transform(images)
-        feats = list(r.backbone(il.tensors).values())
-        out = r.head(feats)
-        anchors = r.anchor_generator(il, feats)
-        hw = [f.shape[-2] * f.shape[-1] for f in feats]
-        levels = [v * (out['cls_logits'].shape[1] // sum(hw)) for v in hw]
+        il, out, anchors, levels = _retinanet_head(r, images)
         boxes, scores, _, idx = retinanet_detections(r, out, anchors, levels, il.image_sizes)
         ids = slow_greedy_match([invert_boxes(b, p) for b, p in zip(boxes, params)], scores, 0.5)
         terms = []

@@ -406,17 +406,14 @@ class InstanceLossTransform(nn.Module):
                 fgid, minlength=n).to(src.dtype).clamp_min(1).view(-1, 1)
             if self.detach_consensus:
                 mean = mean.detach()
-            per_row = F.smooth_l1_loss(src, mean[fgid], beta=self.box_beta, reduction='none').sum(dim=1)
-            box_term = torch.where(fsel, per_row, per_row.new_zeros(())).sum() / n_full
+            box_term = self._box_term(src, mean[fgid], fsel, n_full)
             total = total + self.box_weight * box_term
             parts['box'] = box_term.detach()
         if self.mask_weight > 0 and getattr(heads, 'mask_roi_pool', None) is not None:
             mx = heads.mask_head(heads.mask_roi_pool(features, boxes, image_sizes))
             mlogits = heads.mask_predictor(mx)[arange, labels]  # (n, S, S)
             mlogits = torch.where(geo[:, 16].view(-1, 1, 1) > 0, mlogits.flip(-1), mlogits)
-            mkl = grouped_kl(log_distribution(mlogits, 'bernoulli'), fgid, self.detach_consensus, num_groups=n)
-            mask_term = torch.where(fsel, mkl, mkl.new_zeros(())).sum() / n_full / float(
-                mlogits.shape[-1] * mlogits.shape[-2])
+            mask_term = self._mask_term(mlogits, fgid, fsel, n_full, num_groups=n)
             total = total + self.mask_weight * mask_term
             parts['mask'] = mask_term.detach()
         return total + zero
@@ -515,15 +512,26 @@ class InstanceLossTransform(nn.Module):
         parts['cls'] = cls_term.detach()
         n_full = fsel.sum().clamp_min(1)
         if src is not None:
-            per_row = F.smooth_l1_loss(src, c['target'], beta=self.box_beta, reduction='none').sum(dim=1)
-            box_term = torch.where(fsel, per_row, per_row.new_zeros(())).sum() / n_full
+            box_term = self._box_term(src, c['target'], fsel, n_full)
             total = total + self.box_weight * box_term
             parts['box'] = box_term.detach()
         if mlogits is not None:
             fgid = torch.where(fsel, gid, n + torch.arange(k, device=gid.device))  # others: groups of their own
-            mkl = grouped_kl(log_distribution(mlogits, 'bernoulli'), fgid, self.detach_consensus, num_groups=n + k)
-            mask_term = torch.where(fsel, mkl, mkl.new_zeros(())).sum() / n_full / float(
-                mlogits.shape[-1] * mlogits.shape[-2])
+            mask_term = self._mask_term(mlogits, fgid, fsel, n_full, num_groups=n + k)
             total = total + self.mask_weight * mask_term
             parts['mask'] = mask_term.detach()
         return total
+
+    def _box_term(self, src: torch.Tensor, target: torch.Tensor, fsel: torch.Tensor,
+                  n_full: torch.Tensor) -> torch.Tensor:
+        """Both modes' box term: smooth-L1 (summed over the 4 normalised source-frame coordinates) of the ``fsel``
+        rows to their target box, averaged over those ``n_full`` rows."""
+        per_row = F.smooth_l1_loss(src, target, beta=self.box_beta, reduction='none').sum(dim=1)
+        return torch.where(fsel, per_row, per_row.new_zeros(())).sum() / n_full
+
+    def _mask_term(self, mlogits: torch.Tensor, groups: torch.Tensor, fsel: torch.Tensor, n_full: torch.Tensor,
+                   num_groups: int) -> torch.Tensor:
+        """Both modes' mask term: per-pixel Bernoulli KL of the ``fsel`` rows' (un-flipped) mask logits to their
+        group's consensus, averaged over those ``n_full`` rows and the pixels."""
+        mkl = grouped_kl(log_distribution(mlogits, 'bernoulli'), groups, self.detach_consensus, num_groups=num_groups)
+        return torch.where(fsel, mkl, mkl.new_zeros(())).sum() / n_full / float(mlogits.shape[-1] * mlogits.shape[-2])
