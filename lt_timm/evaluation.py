@@ -15,7 +15,6 @@ from timm import utils
 from timm.data import create_loader, create_transform, resolve_data_config
 
 from timm.layers import apply_test_time_pool, set_fast_norm
-from timm.models import load_checkpoint
 from timm.utils.model import reparameterize_model
 
 from .args import add_shared_options
@@ -25,7 +24,7 @@ from .metrics import view_statistics
 from .parity import add_refused_options, check_refused
 from .plots import plot_view_heatmap
 from .transforms import apply_cifar_augmentation
-from .modeling import checkpoint_problem, read_checkpoint_args
+from .modeling import checkpoint_problem, load_weights, read_checkpoint_args
 from .training import (create_model_from_args, dataset_options, open_dataset, resolve_model_dtype, validate,
                        _ITERABLE, _KEYED, _HF)
 
@@ -128,12 +127,7 @@ def _load_checkpoint(model, args: argparse.Namespace) -> None:
         if not (isinstance(content, dict) and any(k in content for k in ('state_dict_ema', 'model_ema'))):
             raise UserError(f'--use-ema: checkpoint {path} has no EMA weights (state_dict_ema); train with '
                             f'--model-ema, or drop --use-ema.')
-    try:
-        load_checkpoint(model, path, use_ema=args.use_ema, filter_fn=getattr(model, 'checkpoint_filter_fn', None))
-    except (ValueError, UserError):
-        raise
-    except Exception as e:
-        raise UserError(checkpoint_problem(path, e, f'--model {args.model} with {args.num_classes} classes')) from e
+    load_weights(model, path, f'--model {args.model} with {args.num_classes} classes', use_ema=args.use_ema)
 
 
 def run_validation(args: argparse.Namespace) -> 'OrderedDict[str, object]':

@@ -53,17 +53,32 @@ def create_model(
     return model
 
 
-def load_weights(model: nn.Module, path: str, description: str) -> None:
-    """Load a checkpoint's weights into ``model`` (timm's loader; a model's own ``checkpoint_filter_fn`` applies)."""
+def load_weights(model: nn.Module, path: str, description: str, use_ema: bool = False) -> None:
+    """Load a checkpoint's weights (``use_ema``: its EMA weights) into ``model`` with timm's loader; a model's own
+    ``checkpoint_filter_fn`` applies. Every failure is one UserError saying what is wrong with the file."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} not found; check the path.')
     try:
         # A model may carry a filter for checkpoints published in another format (e.g. the CIFAR ResNets').
-        timm.models.load_checkpoint(model, path, filter_fn=getattr(model, 'checkpoint_filter_fn', None))
-    except (ValueError, UserError):
+        timm.models.load_checkpoint(model, path, use_ema=use_ema, filter_fn=_clear_filter_errors(model))
+    except UserError:
         raise
-    except Exception as e:
+    except Exception as e:  # torch.load on garbage raises anything, UnicodeDecodeError included
         raise UserError(checkpoint_problem(path, e, description)) from e
+
+
+def _clear_filter_errors(model: nn.Module):
+    """The model's ``checkpoint_filter_fn`` with its ValueErrors (already clear messages) raised as UserErrors."""
+    filter_fn = getattr(model, 'checkpoint_filter_fn', None)
+    if filter_fn is None:
+        return None
+
+    def apply(state_dict, model):
+        try:
+            return filter_fn(state_dict, model)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+    return apply
 
 
 def _load(path: str):
