@@ -423,11 +423,7 @@ def train_one_epoch(
     loss / N to the gradients, the optimizer steps every N micro-batches (and at the epoch's end), DDP syncs only on
     the stepping micro-batch, and the scheduler, EMA, log interval and recovery interval count optimizer steps.
     """
-    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-        if args.prefetcher and getattr(loader, 'mixup_enabled', False):
-            loader.mixup_enabled = False
-        elif mixup_fn is not None:
-            mixup_fn.mixup_enabled = False
+    _stop_mixup_after_off_epoch(epoch, args.mixup_off_epoch, loader, mixup_fn, args.prefetcher)
     model = task.get_trainable_module()
     model.train()
     criterion = task.criterion
@@ -466,18 +462,8 @@ def train_one_epoch(
                 loss = task(input, target)['loss']
             if args.check_loss_every_step and not torch.isfinite(loss):
                 raise _diverged(loss.item(), epoch, f'step {batch_idx}', output_dir, applied=False)
-            step_loss = loss / accum_steps if accum_steps > 1 else loss
-            clip_parameters = (task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
-                               if args.clip_grad is not None else None)
-            if loss_scaler is not None:
-                loss_scaler(step_loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=clip_parameters, create_graph=second_order, need_update=need_update)
-            else:
-                step_loss.backward(create_graph=second_order)
-                if need_update:
-                    if args.clip_grad is not None:
-                        utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
+            _backward_and_step(task, loss / accum_steps if accum_steps > 1 else loss, optimizer, loss_scaler,
+                               args.clip_grad, args.clip_mode, need_update, second_order)
 
         n = input.shape[0]
         parts = _loss_parts(criterion, loss)
@@ -496,10 +482,8 @@ def train_one_epoch(
         update_start = time.time()
 
         if update_idx % args.log_interval == 0 or last_batch:
-            running = torch.cat([sums, sums.new_tensor([samples]), parts.to(sums.dtype)])
-            if args.distributed:  # as timm: the logged losses are means over ranks (the same on every rank)
-                running = _all_reduce_sum(running, device)
-            host = running.tolist()  # the one sync of a log interval
+            host = _read_sums(torch.cat([sums, sums.new_tensor([samples]), parts.to(sums.dtype)]), args.distributed,
+                              device)  # the one sync of a log interval
             if not math.isfinite(host[0]):
                 raise _diverged(host[0], epoch, f'between steps {logged_step} and {batch_idx} (checked every '
                                 f'--log-interval {args.log_interval} steps; --check-loss-every-step stops before the '
@@ -522,24 +506,48 @@ def train_one_epoch(
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
     epoch_time = time.time() - start
-    totals = torch.cat([sums, sums.new_tensor([samples])])
-    if args.distributed:
-        totals = _all_reduce_sum(totals, device)
-    totals = totals.tolist()
-    count = max(totals[3], 1.0)
+    loss, base, consistency, count = _read_sums(torch.cat([sums, sums.new_tensor([samples])]), args.distributed, device)
     return OrderedDict([
-        ('loss', totals[0] / count),
-        ('loss_base', totals[1] / count),
-        ('loss_consistency', totals[2] / count),
+        ('loss', loss / max(count, 1.0)),
+        ('loss_base', base / max(count, 1.0)),
+        ('loss_consistency', consistency / max(count, 1.0)),
         ('epoch_s', epoch_time),
-        ('img_s', totals[3] / max(epoch_time, 1e-9)),
+        ('img_s', count / max(epoch_time, 1e-9)),
     ])
 
 
-def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = t.to(device=device, dtype=torch.float64 if device.type != 'mps' else torch.float32)
-    torch.distributed.all_reduce(t)
-    return t.cpu().double()
+def _stop_mixup_after_off_epoch(epoch: int, mixup_off_epoch: int, loader, mixup_fn, prefetcher: bool) -> None:
+    """timm's ``--mixup-off-epoch``: from that epoch on, Mixup/CutMix are off (in the prefetcher or ``mixup_fn``)."""
+    if mixup_off_epoch and epoch >= mixup_off_epoch:
+        if prefetcher and getattr(loader, 'mixup_enabled', False):
+            loader.mixup_enabled = False
+        elif mixup_fn is not None:
+            mixup_fn.mixup_enabled = False
+
+
+def _backward_and_step(task: ClassificationTask, step_loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                       loss_scaler, clip_grad: Optional[float], clip_mode: str, need_update: bool,
+                       second_order: bool) -> None:
+    """timm's step: backward of the micro-batch's share of the loss; on ``need_update``, clipping then the optimizer
+    step (through the AMP loss scaler when there is one)."""
+    clip_parameters = task.get_clip_parameters(exclude_head='agc' in clip_mode) if clip_grad is not None else None
+    if loss_scaler is not None:
+        loss_scaler(step_loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode, parameters=clip_parameters,
+                    create_graph=second_order, need_update=need_update)
+        return
+    step_loss.backward(create_graph=second_order)
+    if need_update:
+        if clip_grad is not None:
+            utils.dispatch_clip_grad(clip_parameters, value=clip_grad, mode=clip_mode)
+        optimizer.step()
+
+
+def _read_sums(sums: torch.Tensor, distributed: bool, device: torch.device) -> List[float]:
+    """Device-side sums on the host (one sync); summed over ranks under DDP, so every rank logs the same means."""
+    if distributed:
+        sums = sums.to(device=device, dtype=torch.float64 if device.type != 'mps' else torch.float32)
+        torch.distributed.all_reduce(sums)
+    return sums.cpu().double().tolist()
 
 
 def _log_eval_batch(name: str, batch_idx: int, num_batches: Optional[int], batch_time_m, now: torch.Tensor,
@@ -588,10 +596,9 @@ def validate(model: nn.Module, loader, args: argparse.Namespace, device: torch.d
         last = num_batches is not None and batch_idx + 1 == num_batches
         if log_freq and (last or batch_idx % log_freq == 0) and utils.is_primary(args):
             _log_eval_batch(f'Test{log_suffix}', batch_idx, num_batches, batch_time_m, now, sums)
-    if args.distributed:
-        sums = _all_reduce_sum(sums, device)
-    n = max(sums[3].item(), 1.0)
-    metrics = OrderedDict([('loss', sums[0].item() / n), ('top1', sums[1].item() / n), ('top5', sums[2].item() / n)])
+    loss, top1, top5, count = _read_sums(sums, args.distributed, device)
+    n = max(count, 1.0)
+    metrics = OrderedDict([('loss', loss / n), ('top1', top1 / n), ('top5', top5 / n)])
     if utils.is_primary(args):
         _logger.info(f' * Acc@1 {metrics["top1"]:.3f} ({100 - metrics["top1"]:.3f}) Acc@5 {metrics["top5"]:.3f} '
                      f'({100 - metrics["top5"]:.3f}){log_suffix}')  # timm validate.py's closing line
