@@ -470,8 +470,8 @@ _TINY_CFG = ('model: maskrcnn\nbackbone: mobilenetv3_small_050\nfpn_channels: 32
 
 
 def test_train_entry_point_end_to_end(tmp_path):
-    """One tiny epoch (config YAML, logging, summary.csv via timm, curves, atomic checkpoint), then --resume
-    continues the same folder; a new run with the same name never overwrites it."""
+    """One tiny epoch (config YAML, logging, summary.csv in timm's column order, curves, atomic checkpoint), then
+    --resume continues the same folder; a new run with the same name never overwrites it."""
     root = str(tmp_path / 'PennFudanPed')
     _write_pennfudan(root, 5)
     cfg = tmp_path / 'cfg.yaml'
@@ -489,6 +489,9 @@ def test_train_entry_point_end_to_end(tmp_path):
     assert [row['epoch'] for row in rows] == ['0']
     assert {'eval_box_AP', 'eval_mask_AP', 'train_loss', 'train_loss_base', 'train_loss_consistency',
             'train_consistency', 'lr'} <= set(rows[0])
+    header = list(rows[0])  # timm's order: epoch, train_*, eval_*, lr
+    kinds = [k.split('_')[0] for k in header]
+    assert kinds == sorted(kinds, key=['epoch', 'train', 'eval', 'lr'].index), header
     assert (run / 'curves.png').stat().st_size > 0 and (run / 'last.pth.tar').exists()
     assert sorted(os.listdir(run)) == ['args.yaml', 'curves.png', 'last.pth.tar', 'summary.csv']  # no tmp, no lock
     ck = torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=False)

@@ -4,9 +4,9 @@ Same conventions as the classification ``train.py`` (:mod:`lt_timm.training`): a
 are argument dest names (the command line still wins), dashed flags, ``logging`` (timm's default setup), user
 errors as :class:`lt_timm.errors.UserError` (``error: ...`` with the fix, exit code 2, nothing written or lost),
 run folders claimed with :func:`lt_timm.run_dir.claim_run_dir` (never overwritten; ``--resume`` continues in the
-checkpoint's folder), ``summary.csv`` via timm's ``update_summary`` (one row per epoch), ``curves.png`` via
-:func:`lt_timm.plots.plot_training_curves`, ``last.pth.tar`` written atomically (tmp file + ``os.replace``) and
-only from finite weights, batches from :class:`lt_timm.sampler.RepeatedAugBatchSampler` (``--lt-epoch v1|full``,
+checkpoint's folder), ``summary.csv`` via :func:`lt_timm.run_dir.update_summary` (timm's columns, one row per
+epoch), ``curves.png`` via :func:`lt_timm.plots.plot_training_curves`, ``last.pth.tar`` written atomically (tmp
+file + ``os.replace``) and only from finite weights, batches from :class:`lt_timm.sampler.RepeatedAugBatchSampler` (``--lt-epoch v1|full``,
 single process or DDP under ``torchrun``).
 
 The paper's Table 6 protocol (fine-tune torchvision's COCO Faster R-CNN, RetinaNet and Mask R-CNN* with FPN and RPN
@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from ..errors import UserError, exit_on_user_error
-from ..run_dir import claim_run_dir, resume_hint, truncate_summary
+from ..run_dir import claim_run_dir, resume_hint, truncate_summary, update_summary
 from .finetune import (COCO_FIXED_FLAGS, build_model, check_coco_categories, check_coco_detector_args,
                        dataset_label_space, freeze_submodules, hold_frozen_norms, uses_coco_detector)
 
@@ -327,7 +327,6 @@ def _eval_keys(with_masks: bool) -> List[str]:
 def train(args) -> Dict:
     from ..modeling import all_finite
     from ..plots import plot_training_curves
-    from timm import utils
     from .consistency import InstanceLossTransform
     from .data import BlockBatchSampler, ReplicaDataset, eval_collate, replica_collate
     from .evaluate import coco_from_dataset, evaluate
@@ -440,7 +439,7 @@ def train(args) -> Dict:
                 save_checkpoint(os.path.join(out_dir, 'last.pth.tar'), net.model, opt, epoch, args,
                                 metric=eval_metrics.get('box_AP'))
                 lr_last = metrics.pop('lr_last')
-                utils.update_summary(epoch, metrics, eval_metrics, filename=summary_path, lr=lr_last)
+                update_summary(epoch, metrics, eval_metrics, filename=summary_path, lr=lr_last)
                 metrics.update({f'eval_{k}': v for k, v in eval_metrics.items()})
             if world > 1:
                 import torch.distributed as dist
