@@ -24,6 +24,13 @@ def root_logging_restored():
     logging.root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def user_errors_not_debugged(monkeypatch):
+    """Tests expect user errors as ``error: ...`` and exit 2, which ``LT_TIMM_DEBUG=1`` in the caller's shell would
+    turn into tracebacks."""
+    monkeypatch.delenv('LT_TIMM_DEBUG', raising=False)
+
+
 @pytest.fixture(scope='module')
 def one_thread():
     """Tiny tensors: one intra-op thread is ~10x faster than OpenMP threads competing on a loaded 2-core machine."""
