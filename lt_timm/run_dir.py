@@ -116,12 +116,8 @@ def truncate_summary(path: str, start_epoch: int) -> None:
     if len(rows) < 2:
         return
     kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) < start_epoch]
-    if len(kept) == len(rows):
-        return
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', newline='') as f:
-        csv.writer(f).writerows(kept)
-    os.replace(tmp, path)
+    if len(kept) < len(rows):
+        _replace_csv(path, kept)
 
 
 def update_summary(epoch: int, train_metrics: Mapping[str, float], eval_metrics: Optional[Mapping[str, float]],
@@ -130,8 +126,9 @@ def update_summary(epoch: int, train_metrics: Mapping[str, float], eval_metrics:
     """Append one epoch's row to ``summary.csv``: first exactly the columns ``timm.utils.update_summary`` writes,
     in its order (``epoch``, ``train_<k>``, ``eval_<k>``, ``lr``), then ``extra``'s columns (lt-timm's own, keys
     used as they are). A header is written when the file is new or empty; with ``log_wandb`` the row goes to wandb
-    as in timm. When the file's header differs from the row's columns (a run resumed with other options), the file
-    is rewritten once with the union of columns, each value kept under its name."""
+    as in timm. When the row has columns the file's header lacks (a run resumed with other options), the file is
+    rewritten once with the union of columns, each value kept under its name; a row lacking some of the header's
+    columns leaves them empty."""
     row = OrderedDict(epoch=epoch)
     row.update((f'train_{k}', v) for k, v in train_metrics.items())
     row.update((f'eval_{k}', v) for k, v in (eval_metrics or {}).items())
@@ -142,8 +139,9 @@ def update_summary(epoch: int, train_metrics: Mapping[str, float], eval_metrics:
         import wandb
         wandb.log(row)
     header = _summary_header(filename)
-    if header and header != list(row):  # e.g. resumed with --model-ema, or a file of an older lt-timm: no shifted rows
-        header = header + [k for k in row if k not in header]
+    added = [k for k in row if k not in header]
+    if header and added:  # e.g. resumed with --model-ema, or a file of an older lt-timm: no shifted rows
+        header = header + added
         _rewrite_summary(filename, header)
     with open(filename, 'a', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=header or list(row), restval='')
@@ -164,12 +162,15 @@ def _rewrite_summary(filename: str, header: list) -> None:
     """Rewrite ``summary.csv`` (atomically) with the columns ``header``, keeping each value under its name."""
     with open(filename, newline='') as f:
         rows = list(csv.DictReader(f))
-    tmp = f'{filename}.{os.getpid()}.tmp'
+    _replace_csv(filename, [header] + [[r.get(k) or '' for k in header] for r in rows])
+
+
+def _replace_csv(path: str, rows: list) -> None:
+    """Write ``rows`` (lists, the header first) to ``path`` atomically: a tmp file, then ``os.replace``."""
+    tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval='')
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, filename)
+        csv.writer(f).writerows(rows)
+    os.replace(tmp, path)
 
 
 def resume_hint(output_dir: Optional[str], epoch: int) -> str:

@@ -226,7 +226,9 @@ def test_summary_rows_are_timms_then_ours_and_stay_aligned(tmp_path):
     timm_rows, our_rows = theirs.read_text().splitlines(), ours.read_text().splitlines()
     assert our_rows[0] == timm_rows[0] + ',train_loss_base' and our_rows[1] == timm_rows[1] + ',1.2'
     update_summary(1, train, evals, str(ours), lr=0.05, extra={'train_loss_base': 1.1, 'eval_noema_top1': 59.0})
+    inode = ours.stat().st_ino
     update_summary(2, train, evals, str(ours), lr=0.01, extra={'train_loss_base': 1.0})
+    assert ours.stat().st_ino == inode  # a row with fewer columns is appended: no rewrite every epoch
     rows = read_summary(ours)
     assert [r['epoch'] for r in rows] == ['0', '1', '2'] and [r['lr'] for r in rows] == ['0.1', '0.05', '0.01']
     assert [r['train_loss_base'] for r in rows] == ['1.2', '1.1', '1.0']
