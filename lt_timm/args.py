@@ -12,8 +12,8 @@ from timm import utils
 from .registry import create_loss, list_losses
 from .sampler import EPOCH_MODES
 
-__all__ = ['add_losstransform_args', 'add_shared_options', 'SHARED_OPTIONS', 'criterion_from_args', 'describe_criterion',
-           'LT_ARG_DEFAULTS']
+__all__ = ['add_losstransform_args', 'add_shared_options', 'SHARED_OPTIONS', 'criterion_from_args',
+           'describe_criterion', 'LT_ARG_DEFAULTS']
 
 _logger = logging.getLogger(__name__)
 

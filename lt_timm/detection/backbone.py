@@ -31,12 +31,13 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 __all__ = ['TimmFPNBackbone', 'build_backbone', 'build_detector', 'build_retinanet', 'extra_fpn_block',
-           'build_coco_detector', 'coco_detector_weights', 'coco_category_names', 'load_coco_weights',
-           'set_frozen_bn_eps', 'reset_class_predictors', 'COCO_DETECTORS', 'COCO_BACKBONE', 'DETECTOR_MODELS',
-           'EXTRA_LEVELS']
+           'scaled_anchor_sizes', 'build_coco_detector', 'coco_detector_weights', 'coco_category_names',
+           'load_coco_weights', 'set_frozen_bn_eps', 'reset_class_predictors', 'COCO_DETECTORS', 'COCO_BACKBONE',
+           'DETECTOR_MODELS', 'EXTRA_LEVELS']
 
 DETECTOR_MODELS = ('maskrcnn', 'fasterrcnn', 'retinanet')
 EXTRA_LEVELS = ('pool', 'p6p7')  # R-CNN: a max-pool level; RetinaNet: P6 and P7 convolutions
+_NUM_EXTRA = {'pool': 1, 'p6p7': 2}  # FPN levels each adds after the backbone's
 # --model -> torchvision's builder of the COCO detector (v1: the architectures the COCO_V1 weights fit)
 COCO_DETECTORS = {'fasterrcnn': 'fasterrcnn_resnet50_fpn', 'maskrcnn': 'maskrcnn_resnet50_fpn',
                   'retinanet': 'retinanet_resnet50_fpn'}
@@ -75,7 +76,7 @@ class TimmFPNBackbone(nn.Module):
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_fpn_block(extra, out_channels))
         self.out_channels = out_channels
         self.num_levels = len(in_channels)
-        self.num_extra = 2 if extra == 'p6p7' else 1
+        self.num_extra = _NUM_EXTRA[extra]
 
     def forward(self, x: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
         feats = self.body(x)
@@ -94,7 +95,6 @@ def _tv_backbone(name: str, pretrained: bool, extra: str = 'pool') -> nn.Module:
                                  trainable_layers=3 if pretrained else 5, returned_layers=layers,
                                  extra_blocks=extra_fpn_block(extra, 256))
         bb.num_levels = len(layers)
-        bb.num_extra = 2 if extra == 'p6p7' else 1
         return bb
     if name in ('mobilenet_v3_large', 'mobilenet_v3_small'):
         import torchvision.models as tvm
@@ -102,7 +102,6 @@ def _tv_backbone(name: str, pretrained: bool, extra: str = 'pool') -> nn.Module:
         bb = mobilenet_backbone(backbone_name=name, weights=weights, fpn=True, norm_layer=norm,
                                 trainable_layers=3 if pretrained else 6, extra_blocks=extra_fpn_block(extra, 256))
         bb.num_levels = 2  # torchvision returns the last two stages (+ the extra levels)
-        bb.num_extra = 2 if extra == 'p6p7' else 1
         return bb
     if name.startswith('shufflenet_v2'):
         import torchvision.models as tvm
@@ -120,7 +119,6 @@ def _tv_backbone(name: str, pretrained: bool, extra: str = 'pool') -> nn.Module:
         bb = BackboneWithFPN(body, {'stage2': '0', 'stage3': '1', 'stage4': '2'}, chans, 256,
                              extra_blocks=extra_fpn_block(extra, 256))
         bb.num_levels = 3
-        bb.num_extra = 2 if extra == 'p6p7' else 1
         return bb
     raise ValueError(f'unknown torchvision backbone tv_{name}; use tv_resnet50, tv_mobilenet_v3_large, '
                      f'tv_shufflenet_v2_x1_0 or a timm model name.')
@@ -133,9 +131,18 @@ def build_backbone(name: str, pretrained: bool = False, out_channels: int = 256,
     if extra not in EXTRA_LEVELS:
         raise ValueError(f'extra FPN levels must be one of {EXTRA_LEVELS}, got {extra!r}.')
     if name.startswith('tv_'):
-        return _tv_backbone(name[3:], pretrained, extra)
+        bb = _tv_backbone(name[3:], pretrained, extra)
+        bb.num_extra = _NUM_EXTRA[extra]
+        return bb
     strides = (4, 8, 16, 32) if extra == 'pool' else (8, 16, 32)
     return TimmFPNBackbone(name, out_channels=out_channels, pretrained=pretrained, strides=strides, extra=extra)
+
+
+def scaled_anchor_sizes(max_size: int, count: int) -> List[int]:
+    """``count`` anchor sizes 32, 64, 128, ... (one per pyramid level, finest first) scaled by ``max_size / 1333``
+    (torchvision's default image size) and floored at 8, so reduced-resolution training keeps sensible anchors."""
+    f = max_size / 1333.0
+    return [max(8, int(round(32 * (2 ** i) * f))) for i in range(count)]
 
 
 def build_detector(
@@ -169,10 +176,9 @@ def build_detector(
         return build_retinanet(backbone, num_classes, pretrained, min_size, max_size, anchor_sizes, fpn_channels,
                                **kwargs)
     bb = build_backbone(backbone, pretrained=pretrained, out_channels=fpn_channels)
-    n = bb.num_levels + 1  # + 'pool'
+    n = bb.num_levels + bb.num_extra  # + 'pool'
     if anchor_sizes is None:
-        f = max_size / 1333.0
-        sizes = [max(8, int(round(32 * (2 ** i) * f))) for i in range(max(n, 5))]
+        sizes = scaled_anchor_sizes(max_size, max(n, 5))
         # one size per level when there are >= 5 levels (FPN standard); with fewer levels every level gets the
         # five sizes, as torchvision does for its MobileNetV3 FPN
         per_level = [(s,) for s in sizes[:n]] if n >= 5 else [tuple(sizes[:5])] * n
@@ -210,8 +216,7 @@ def build_retinanet(backbone: str, num_classes: int, pretrained: bool = False, m
     bb = build_backbone(backbone, pretrained=pretrained, out_channels=fpn_channels, extra='p6p7')
     n = bb.num_levels + bb.num_extra
     if anchor_sizes is None:
-        f = max_size / 1333.0
-        bases = [max(8, int(round(32 * (2 ** i) * f))) for i in range(n)]
+        bases = scaled_anchor_sizes(max_size, n)
     else:
         if len(anchor_sizes) != n:
             raise ValueError(f'need {n} anchor sizes (one per RetinaNet FPN level of {backbone}), got {anchor_sizes}.')

@@ -6,8 +6,8 @@ errors as :class:`lt_timm.errors.UserError` (``error: ...`` with the fix, exit c
 run folders claimed with :func:`lt_timm.run_dir.claim_run_dir` (never overwritten; ``--resume`` continues in the
 checkpoint's folder), ``summary.csv`` via :func:`lt_timm.run_dir.update_summary` (timm's columns, one row per
 epoch), ``curves.png`` via :func:`lt_timm.plots.plot_training_curves`, ``last.pth.tar`` written atomically (tmp
-file + ``os.replace``) and only from finite weights, batches from :class:`lt_timm.sampler.RepeatedAugBatchSampler` (``--lt-epoch v1|full``,
-single process or DDP under ``torchrun``).
+file + ``os.replace``) and only from finite weights, batches from :class:`lt_timm.sampler.RepeatedAugBatchSampler`
+(``--lt-epoch v1|full``, single process or DDP under ``torchrun``).
 
 The paper's Table 6 protocol (fine-tune torchvision's COCO Faster R-CNN, RetinaNet and Mask R-CNN* with FPN and RPN
 frozen): ``--detector-weights coco`` (or ``--detector-checkpoint FILE``, the same weights from disk) builds
