@@ -24,7 +24,7 @@ from .metrics import view_statistics
 from .parity import add_refused_options, check_refused
 from .plots import plot_view_heatmap
 from .transforms import apply_cifar_augmentation
-from .modeling import checkpoint_problem, load_weights, read_checkpoint_args
+from .modeling import checkpoint_problem, load_weights, read_checkpoint, read_checkpoint_args
 from .training import (create_model_from_args, dataset_options, open_dataset, resolve_model_dtype, validate,
                        _ITERABLE, _KEYED, _HF)
 
@@ -120,8 +120,7 @@ def _load_checkpoint(model, args: argparse.Namespace) -> None:
         raise UserError(f'checkpoint {path} not found; check the path.')
     if args.use_ema:
         try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                content = torch.load(path, map_location='cpu', weights_only=True)
+            content = read_checkpoint(path)
         except Exception as e:
             raise UserError(checkpoint_problem(path, e, f'--model {args.model}')) from e
         if not (isinstance(content, dict) and any(k in content for k in ('state_dict_ema', 'model_ema'))):

@@ -15,7 +15,8 @@ import timm
 from . import models as _models  # noqa: F401  (registers lt-timm's models with timm)
 from .errors import UserError
 
-__all__ = ['create_model', 'load_weights', 'checkpoint_problem', 'read_checkpoint_args', 'all_finite']
+__all__ = ['create_model', 'load_weights', 'checkpoint_problem', 'read_checkpoint', 'read_checkpoint_args',
+           'all_finite']
 
 _logger = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ def _clear_filter_errors(model: nn.Module):
     return apply
 
 
-def _load(path: str):
+def read_checkpoint(path: str):
+    """The content of a checkpoint file, read safely (``weights_only``; the ``args`` Namespace that train.py and
+    timm store allowed), on the CPU. Raises whatever ``torch.load`` raises on a bad file."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location='cpu', weights_only=True)
 
@@ -92,7 +95,7 @@ def checkpoint_problem(path: str, error: BaseException, description: str) -> str
         return (f'checkpoint {path} is empty (0 bytes): it was not written completely; use another checkpoint '
                 f'of the run (e.g. model_best.pth.tar or checkpoint-N.pth.tar).')
     try:
-        content = _load(path)
+        content = read_checkpoint(path)
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         return (f'checkpoint {path} is not a readable PyTorch file (truncated or corrupt: {reason}); '
@@ -107,7 +110,7 @@ def checkpoint_problem(path: str, error: BaseException, description: str) -> str
 def read_checkpoint_args(path: str) -> Optional[argparse.Namespace]:
     """The training arguments stored in a train.py checkpoint (``None`` for other files)."""
     try:
-        content = _load(path)
+        content = read_checkpoint(path)
     except Exception:
         return None
     args = content.get('args') if isinstance(content, dict) else None

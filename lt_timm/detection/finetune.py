@@ -11,7 +11,6 @@ with FPN and RPN frozen, fine-tuned with LT-v1 at the reference recipe's last lr
 
 Every problem is one :class:`~lt_timm.errors.UserError` naming the fix (``train_detection.py`` exits 2).
 """
-import argparse
 import os
 from typing import Dict, List, Optional
 
@@ -96,11 +95,11 @@ def check_coco_categories(categories: List[Dict], coco_names: List[str], where: 
 def read_detector_state_dict(path: str, model: str) -> Dict[str, torch.Tensor]:
     """The state dict in ``path``: a plain torchvision state dict (the COCO_V1 file), or a dict holding one as
     ``model`` (torchvision's reference scripts) or ``state_dict`` (timm / this trainer). Problems are UserErrors."""
+    from ..modeling import read_checkpoint  # imports timm: not at module level (keeps --help light)
     if not os.path.isfile(path):
         raise _checkpoint_not_found(path, model)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            content = torch.load(path, map_location='cpu', weights_only=True)
+        content = read_checkpoint(path)
     except Exception as e:
         lines = str(e).strip().splitlines()
         reason = 'it is empty (0 bytes)' if os.path.getsize(path) == 0 else \

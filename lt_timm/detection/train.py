@@ -269,12 +269,11 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer, epoch: int, ar
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer, args) -> int:
     """Restore model and optimizer from ``path``; returns the epoch to continue at. Problems are UserErrors."""
-    from ..modeling import checkpoint_problem
+    from ..modeling import checkpoint_problem, read_checkpoint
     if not os.path.isfile(path):
         raise UserError(f'--resume checkpoint {path} not found; pass the last.pth.tar of the run to continue.')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ck = torch.load(path, map_location='cpu', weights_only=True)
+        ck = read_checkpoint(path)
         saved = ck.get('args')
         if isinstance(saved, argparse.Namespace) and getattr(saved, 'lr', args.lr) != args.lr:
             raise UserError(f'--lr {args.lr} differs from the resumed run\'s lr {saved.lr}: a resumed run continues '
