@@ -1,4 +1,9 @@
-"""lt-timm: LossTransform for PyTorch Image Models (timm), as a plugin."""
+"""lt-timm: LossTransform for PyTorch Image Models (timm), as a plugin.
+
+Importing it registers lt-timm's models with timm (CIFAR ResNets, DenseNet-40, torchvision V1 models, and the
+EfficientNet-PyTorch checkpoint layout for timm's ``tf_efficientnet_*``): see :mod:`lt_timm.models`.
+"""
+from . import models  # noqa: F401  (registers with timm)
 from .layout import block_runs, block_sizes, num_blocks, replica_groups
 from .loss import LossTransform, blockwise_kl, grouped_kl, consensus_log_prob, log_distribution
 from .registry import LossOptions, create_loss, register_loss, list_losses, is_registered, timm_criterion
