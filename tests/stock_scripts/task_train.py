@@ -31,6 +31,8 @@ parser = argparse.ArgumentParser(description='stand-in timm training script (tas
 parser.add_argument('data', metavar='DIR')
 parser.add_argument('--model', default='test_resnet', type=str)
 parser.add_argument('--num-classes', type=int, default=None)
+parser.add_argument('--class-map', default='', type=str)
+parser.add_argument('--initial-checkpoint', default='', type=str)
 parser.add_argument('--img-size', type=int, default=32)
 parser.add_argument('-b', '--batch-size', type=int, default=12)
 parser.add_argument('--epochs', type=int, default=1)
@@ -77,9 +79,10 @@ def main():
     device = utils.init_distributed_device(args)
     utils.random_seed(args.seed, args.rank)
 
-    dataset_train = create_dataset('', root=args.data, split='train', is_training=True)
+    dataset_train = create_dataset('', root=args.data, split='train', is_training=True, class_map=args.class_map)
     num_classes = args.num_classes or len(dataset_train.reader.class_to_idx)
-    model = create_model(args.model, num_classes=num_classes).to(device)
+    model = create_model(args.model, num_classes=num_classes,
+                         checkpoint_path=args.initial_checkpoint or None).to(device)  # as timm's train.py
     data_config = resolve_data_config(dict(input_size=(3, args.img_size, args.img_size)), model=model)
 
     mixup_active = args.mixup > 0 or args.cutmix > 0
@@ -108,7 +111,7 @@ def main():
         device=device,
     )
     loader_eval = create_loader(
-        create_dataset('', root=args.data, split='train', is_training=False),
+        create_dataset('', root=args.data, split='train', is_training=False, class_map=args.class_map),
         input_size=data_config['input_size'],
         batch_size=args.batch_size,
         is_training=False,
