@@ -9,7 +9,8 @@ timm's train.py flags and YAML recipes (-c) carry over; see ``python train.py --
 from timm import utils
 
 from lt_timm.errors import exit_on_user_error
-from lt_timm.training import parse_args, train
+from lt_timm.cli.train import parse_args
+from lt_timm.training import train
 
 
 @exit_on_user_error

@@ -54,7 +54,9 @@ import timm
 import timm.data
 import timm.data.loader
 
-from .args import add_losstransform_args, check_args, describe_criterion, LT_ARG_DEFAULTS
+from .cli.checks import check_args
+from .cli.flags import add_losstransform_args, LT_ARG_DEFAULTS
+from .registry import describe_criterion
 from .layout import block_sizes
 from .loader import create_loader as lt_create_loader
 from .loss import LossTransform

@@ -12,7 +12,8 @@ from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEn
 
 from .loss import LossTransform
 
-__all__ = ['LossOptions', 'register_loss', 'create_loss', 'list_losses', 'is_registered', 'timm_criterion']
+__all__ = ['LossOptions', 'register_loss', 'create_loss', 'list_losses', 'is_registered', 'timm_criterion',
+           'describe_criterion']
 
 
 @dataclass
@@ -74,6 +75,13 @@ def timm_criterion(o: LossOptions) -> nn.Module:
     if o.smoothing:
         return _bce(o, o.smoothing) if o.bce_loss else LabelSmoothingCrossEntropy(smoothing=o.smoothing)
     return _bce(o, 0.) if o.bce_loss else nn.CrossEntropyLoss()
+
+
+def describe_criterion(criterion: nn.Module) -> str:
+    """One line saying what the criterion is, e.g. for the start-of-run log."""
+    if isinstance(criterion, LossTransform):
+        return f'LossTransform(base={type(criterion.base_loss).__name__}, {criterion.extra_repr()})'
+    return type(criterion).__name__
 
 
 @register_loss('ce')

@@ -142,7 +142,7 @@ def test_train_validate_checkpoint_on_real_digits(mnist_small, tmp_path):
 
 def test_yaml_config_round_trip(image_folder, tmp_path):
     """args.yaml written by a run, passed back with -c, gives the same arguments; flags override it."""
-    from lt_timm.training import parse_args
+    from lt_timm.cli.train import parse_args
     cfg = tmp_path / 'recipe.yaml'
     cfg.write_text(yaml.safe_dump(dict(model='test_resnet', aug_repeats=3, loss='losstransform', lt_rho=0.5,
                                        lt_epoch='full', batch_size=12, mixup=0.1, cutmix=1.0, bce_loss=True)))

@@ -532,7 +532,7 @@ def test_train_torchrun_two_processes_gloo(tmp_path):
 
 
 def _main_exit(argv, capsys):
-    from lt_timm.detection.train import main
+    from lt_timm.cli.detection import main
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
@@ -600,8 +600,10 @@ def test_detection_configs_parse():
     """Every recipe in configs/detection parses (keys are argument dests), names a buildable combination and passes
     train_detection's checks (matching mode vs model; the COCO detector's fixed flags; no weights are loaded)."""
     import glob
-    from lt_timm.detection.train import (COCO_FIXED_FLAGS, check_coco_detector_args, check_match_args,
-                                         dataset_label_space, parse_args, uses_coco_detector)
+    from lt_timm.cli.checks import check_match_args
+    from lt_timm.cli.detection import parse_args
+    from lt_timm.detection.finetune import (COCO_FIXED_FLAGS, check_coco_detector_args, dataset_label_space,
+                                            uses_coco_detector)
     files = sorted(glob.glob(os.path.join(REPO, 'configs', 'detection', '*.yaml')))
     assert len(files) >= 21
     seen = set()

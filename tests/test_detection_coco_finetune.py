@@ -21,6 +21,8 @@ import yaml
 from torchvision.models import WeightsEnum
 
 from conftest import REPO
+from lt_timm.cli.checks import check_match_args
+from lt_timm.cli.detection import main, parse_args
 from lt_timm.detection.backbone import (COCO_DETECTORS, build_detector, coco_category_names, coco_detector_weights,
                                         reset_class_predictors)
 from lt_timm.detection.consistency import InstanceLossTransform
@@ -29,7 +31,6 @@ from lt_timm.detection.evaluate import coco_ap, coco_from_dataset, predictions_t
 from lt_timm.detection.finetune import (COCO_FIXED_FLAGS, build_model, check_coco_categories,
                                         check_coco_detector_args, dataset_label_space, freeze_submodules,
                                         hold_frozen_norms, load_detector_checkpoint, read_detector_state_dict)
-from lt_timm.detection.train import check_match_args, main, parse_args
 from lt_timm.detection.transforms import ReplicaAugment
 from lt_timm.errors import UserError
 

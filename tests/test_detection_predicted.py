@@ -492,7 +492,7 @@ def test_cli_end_to_end_predicted(pedestrians, tmp_path):
 
 
 def _main(argv):
-    from lt_timm.detection.train import main
+    from lt_timm.cli.detection import main
     return main(argv)
 
 
@@ -517,7 +517,7 @@ def test_cli_retinanet_in_process_and_errors(pedestrians, tmp_path, capsys):
 def test_match_flags_defaults_and_choices(pedestrians):
     """--lt-match defaults to gt (the former behaviour), its choices are the wrapper's modes, YAML keys set both."""
     from lt_timm.detection import consistency
-    from lt_timm.detection.train import MATCH_MODES, parse_args
+    from lt_timm.cli.detection import MATCH_MODES, parse_args
     assert MATCH_MODES == consistency.MATCH_MODES
     a = parse_args(['--data-dir', 'x'])
     assert a.lt_match == 'gt' and a.lt_match_iou == 0.5 and a.model == 'maskrcnn'

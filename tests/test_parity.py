@@ -12,11 +12,13 @@ import yaml
 
 import timm
 from lt_timm.errors import UserError
-from lt_timm.evaluation import _load_checkpoint, build_validate_parser, resolve_eval_num_classes
-from lt_timm.parity import COMPUTED_KEYS, DEFAULT_DIFFERS, PARITY, render_markdown, timm_options
+from lt_timm.cli.parity import COMPUTED_KEYS, DEFAULT_DIFFERS, PARITY, timm_options
+from lt_timm.cli.parity_doc import render_markdown
+from lt_timm.cli.train import build_parser, parse_args
+from lt_timm.cli.validate import build_validate_parser
+from lt_timm.evaluation import _load_checkpoint, resolve_eval_num_classes
 from lt_timm.training import (TRAIN_DATASET_OPTIONS, _create_loaders, _load_datasets, _prepare_model,
-                              build_parser, create_model_from_args, create_optimizer_from_args, dataset_options,
-                              parse_args, train_one_epoch)
+                              create_model_from_args, create_optimizer_from_args, dataset_options, train_one_epoch)
 from conftest import REPO, make_image_folder
 from test_cli import RGB_FLAGS, assert_clean_failure, read_summary, run
 
@@ -30,7 +32,7 @@ def _actions(script):
 
 def test_docs_parity_table_is_up_to_date():
     assert (REPO / 'docs' / 'parity.md').read_text() == render_markdown(), \
-        'regenerate with: python -m lt_timm.parity > docs/parity.md'
+        'regenerate with: python -m lt_timm.cli.parity_doc > docs/parity.md'
 
 
 @pytest.mark.parametrize('script', ['train', 'validate'])
@@ -285,9 +287,8 @@ def test_train_cli_accumulation_val_interval_recovery_wandb(tmp_path):
 
 def test_options_common_to_train_and_validate_are_defined_once():
     """One parser source: every supported option that timm's train.py and validate.py define alike (same flags,
-    default, type, nargs, action) comes from lt_timm.args.SHARED_OPTIONS, and both our parsers build it the same."""
-    from lt_timm.args import SHARED_OPTIONS
-    from lt_timm.training import build_parser
+    default, type, nargs, action) comes from lt_timm.cli.flags.SHARED_OPTIONS, and both our parsers build it the same."""
+    from lt_timm.cli.flags import SHARED_OPTIONS
     tr = {o['dest']: o for o in timm_options()['train']}
     va = {o['dest']: o for o in timm_options()['validate']}
     alike = {d for d in tr if d in va and tr[d] == va[d]}

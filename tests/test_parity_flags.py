@@ -22,8 +22,10 @@ import timm.data
 from timm.layers import is_fast_norm, set_fast_norm
 
 from lt_timm import evaluation, training
-from lt_timm.evaluation import build_validate_parser, run_validation
-from lt_timm.training import _create_loaders, _load_datasets, parse_args, train
+from lt_timm.cli.train import parse_args
+from lt_timm.cli.validate import build_validate_parser
+from lt_timm.evaluation import run_validation
+from lt_timm.training import _create_loaders, _load_datasets, train
 from conftest import make_image_folder
 
 # Small images and a tiny BatchNorm model; --check-images none: the images are generated just above.

@@ -7,9 +7,9 @@ import yaml
 
 import timm
 import lt_timm.models  # noqa: F401  (registers the CIFAR and torchvision-V1 models)
-from lt_timm.args import check_args
+from lt_timm.cli.checks import check_args
+from lt_timm.cli.train import parse_args
 from lt_timm.layout import rows_per_step
-from lt_timm.training import parse_args
 from conftest import REPO
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, 'configs', '*', '*.yaml')))

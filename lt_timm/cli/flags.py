@@ -1,24 +1,19 @@
 """Command-line flags defined once: LossTransform's (``train.py`` and the stock-timm launcher) and the timm options
 that ``train.py`` and ``validate.py`` share (:data:`SHARED_OPTIONS`, same names, defaults and help as timm)."""
 import argparse
-import logging
-import math
-from typing import Any
-
-import torch.nn as nn
 
 from timm import utils
 
-from .registry import create_loss, list_losses
-from .sampler import EPOCH_MODES
+from ..layout import EPOCH_MODES
+from ..registry import list_losses
 
-__all__ = ['add_losstransform_args', 'add_shared_options', 'SHARED_OPTIONS', 'criterion_from_args',
-           'describe_criterion', 'LT_ARG_DEFAULTS']
-
-_logger = logging.getLogger(__name__)
+__all__ = ['add_losstransform_args', 'add_launch_args', 'add_shared_options', 'SHARED_OPTIONS', 'LT_ARG_DEFAULTS',
+           'LAUNCH_LOSSES', 'LT_OPTIONS']
 
 # dest -> default; YAML recipes (-c) may set any of these keys.
 LT_ARG_DEFAULTS = dict(loss='ce', lt_rho=1.0, lt_detach=False, lt_reverse_kl=False, lt_epoch='v1')
+LT_OPTIONS = ('--loss', '--lt-rho', '--lt-detach', '--lt-reverse-kl', '--lt-epoch')  # what the launcher adds
+LAUNCH_LOSSES = ('ce', 'losstransform')  # --loss choices under the launcher (the script picks the base loss)
 
 
 def _option(*flags, **kwargs):
@@ -90,51 +85,10 @@ def add_losstransform_args(parser: argparse.ArgumentParser, with_loss: bool = Tr
     return group
 
 
-def check_args(args: Any) -> None:
-    """Reject flag values that would make a run silently wrong, with the fix in the message."""
-    if not (math.isfinite(args.lt_rho) and args.lt_rho >= 0):
-        raise ValueError(f'--lt-rho must be a finite number >= 0 (e.g. 1.0), got {args.lt_rho}.')
-    batch_size = getattr(args, 'batch_size', None)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f'-b/--batch-size must be >= 1, got {batch_size}.')
-    epochs = getattr(args, 'epochs', None)
-    if epochs is not None and epochs < 1:
-        raise ValueError(f'--epochs must be >= 1, got {epochs}.')
-    aug_repeats = getattr(args, 'aug_repeats', 0) or 0
-    if float(aug_repeats) != int(aug_repeats) or aug_repeats < 0:
-        raise ValueError(f'--aug-repeats must be a whole number >= 0, got {aug_repeats}.')
-    if getattr(args, 'loss', 'ce') == 'losstransform' and aug_repeats < 2:
-        raise ValueError(
-            f'--loss losstransform needs --aug-repeats >= 2 (replicas of each image to compare), got {aug_repeats}; '
-            f'add e.g. --aug-repeats 3.')
-    original = getattr(args, 'lt_epoch', 'v1') == 'original'  # -b counts images there, each m rows
-    if aug_repeats and batch_size is not None and aug_repeats > batch_size and not original:
-        raise ValueError(
-            f'--aug-repeats {int(aug_repeats)} is larger than the batch size {batch_size}; all replicas of an image '
-            f'must fit in one batch: raise -b or lower --aug-repeats.')
-
-
-def criterion_from_args(args: Any, mixup_active: bool) -> nn.Module:
-    """The training criterion named by ``--loss``, built from timm's own loss flags on ``args``."""
-    return create_loss(
-        getattr(args, 'loss', 'ce'),
-        smoothing=getattr(args, 'smoothing', 0.) or 0.,
-        mixup_active=mixup_active,
-        bce_loss=bool(getattr(args, 'bce_loss', False)),
-        bce_target_thresh=getattr(args, 'bce_target_thresh', None),
-        bce_sum=bool(getattr(args, 'bce_sum', False)),
-        bce_pos_weight=getattr(args, 'bce_pos_weight', None),
-        jsd_splits=getattr(args, 'aug_splits', 0) or 0,
-        aug_repeats=int(getattr(args, 'aug_repeats', 0) or 0),
-        rho=args.lt_rho,
-        detach_consensus=args.lt_detach,
-        reverse_kl=args.lt_reverse_kl,
-    )
-
-
-def describe_criterion(criterion: nn.Module) -> str:
-    """One line saying what the criterion is, e.g. for the start-of-run log."""
-    from .loss import LossTransform
-    if isinstance(criterion, LossTransform):
-        return f'LossTransform(base={type(criterion.base_loss).__name__}, {criterion.extra_repr()})'
-    return type(criterion).__name__
+def add_launch_args(parser: argparse.ArgumentParser) -> None:
+    """The launcher's flags on a stock timm script's parser: LossTransform's, ``--loss`` limited to
+    :data:`LAUNCH_LOSSES`."""
+    group = add_losstransform_args(parser, with_loss=False)
+    group.add_argument('--loss', default=LT_ARG_DEFAULTS['loss'], choices=LAUNCH_LOSSES,
+                       help='"ce": the criterion the script picks from --smoothing/--mixup/--bce-loss (default); '
+                            '"losstransform": that criterion wrapped in LossTransform (needs --aug-repeats >= 2)')
