@@ -10,7 +10,16 @@
     once, on the device; what :class:`~lt_timm.detection.consistency.InstanceLossTransform` uses). The matching
     is vectorised and exact (same result as the sequential greedy loop, see :func:`greedy_match_rows`).
 
-Both give *group ids*: rows with the same id are one physical instance seen by different replicas, which is
+(c) The paper's section 3.2 as written, on predictions: ``Resort(p_k | y)`` — "When training a model from scratch,
+    pairing positive instances requires using the annotations y = {bbox_1, bbox_2, ...} to reorder all bounding
+    boxes in replicas", each annotation taking the nearest prediction of the replica, with "a threshold ... to
+    exclude instances that were removed from the original image due to data augmentation" — is
+    :func:`resort_rows`; the replica test before greedy matching ("compute the area ratio of all bounding boxes in
+    both replicas. If the ratio exceeds a predefined confidence threshold, the two replicas are considered to have
+    been augmented from the same image") is :func:`replica_area_pairs`, whose pairs restrict
+    :func:`greedy_match_rows` (``replica_pairs``).
+
+All give *group ids*: rows with the same id are one physical instance seen by different replicas, which is
 exactly the ``groups`` argument of :func:`lt_timm.loss.grouped_kl`. :func:`cluster_mean_boxes` gives each
 cluster's anchor box (the mean of its matched boxes).
 """
@@ -20,7 +29,7 @@ import torch
 from torchvision.ops import box_iou
 
 __all__ = ['assign_to_gt', 'gt_instance_groups', 'greedy_match', 'greedy_match_rows', 'cluster_mean_boxes',
-           'compact_groups']
+           'compact_groups', 'resort_rows', 'replica_area_pairs', 'box_areas']
 
 
 def assign_to_gt(
@@ -84,7 +93,7 @@ def gt_instance_groups(
 
 def greedy_match_rows(
         boxes: torch.Tensor, scores: torch.Tensor, replica: torch.Tensor, image: Optional[torch.Tensor] = None,
-        iou_threshold: float = 0.5,
+        iou_threshold: float = 0.5, replica_pairs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Greedy cross-replica matching of all boxes of a batch at once, vectorised; returns each row's anchor row.
 
@@ -115,6 +124,8 @@ def greedy_match_rows(
         replica: ``(n,)`` integer id of the replica each box comes from (any integers).
         image: ``(n,)`` integer id of the source image (boxes of different images never match); None = one image.
         iou_threshold: minimal IoU with a cluster's anchor to join it.
+        replica_pairs: optional ``(R, R)`` bool indexed by ``replica`` values (``0..R-1``): a box may join a cluster
+            only if its replica and the anchor's are a pair (:func:`replica_area_pairs`).
     Returns:
         ``(n,)`` long: the row index of each box's cluster anchor (an anchor points to itself).
     """
@@ -124,7 +135,8 @@ def greedy_match_rows(
         return torch.zeros((0,), dtype=torch.long, device=device)
     order = torch.sort(scores.detach().reshape(-1).float(), descending=True, stable=True).indices
     b = boxes.detach().reshape(-1, 4).float()[order]
-    _, rep = torch.unique(replica.reshape(-1)[order], return_inverse=True)
+    raw_rep = replica.reshape(-1)[order]
+    _, rep = torch.unique(raw_rep, return_inverse=True)
     num_rep = int(rep.max()) + 1
     pos = torch.arange(n, device=device)
     iou = box_iou(b, b)
@@ -132,6 +144,8 @@ def greedy_match_rows(
     if image is not None:
         im = image.reshape(-1)[order]
         allowed &= im.view(-1, 1) == im.view(1, -1)
+    if replica_pairs is not None:
+        allowed &= replica_pairs.to(device)[raw_rep.view(-1, 1), raw_rep.view(1, -1)]
     anchor = pos.clone()  # position (in visiting order) of each row's cluster anchor
     for _ in range(n + 1):
         new = _greedy_sweep(anchor, rep, pos, iou, allowed, num_rep)
@@ -204,3 +218,53 @@ def cluster_mean_boxes(boxes: torch.Tensor, groups: torch.Tensor, weight: Option
     sums = boxes.new_zeros((num_groups, 4)).index_add(0, groups, boxes * w.view(-1, 1))
     counts = boxes.new_zeros(num_groups).index_add(0, groups, w).clamp_min(1)
     return (sums / counts.view(-1, 1))[groups]
+
+
+def box_areas(boxes: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` areas of xyxy boxes (0 for degenerate ones)."""
+    return (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
+
+
+def resort_rows(gt_boxes: torch.Tensor, gt_replica: torch.Tensor, det_boxes: torch.Tensor,
+                det_replica: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+    """The paper's ``Resort(p_k | y)``: for each annotation row, the index of the *nearest* prediction of the same
+    replica — the smallest Euclidean distance between the xyxy coordinates, the paper's ``arg min`` of a norm — or
+    -1 where the replica has no prediction or the nearest one overlaps the annotation by less than
+    ``iou_threshold`` (the paper's threshold for "instances that were removed from the original image due to data
+    augmentation": no prediction of the replica is at the annotation's place).
+
+    Args:
+        gt_boxes: ``(G, 4)`` annotation boxes in a frame shared by the replicas of an image, e.g. the source frame
+            divided by the source width/height (the distance then does not depend on the image size).
+        gt_replica, det_replica: ``(G,)`` / ``(D,)`` replica of each annotation / prediction row.
+        det_boxes: ``(D, 4)`` predictions in the same frame.
+    Returns:
+        ``(G,)`` long: a row of ``det_boxes``, or -1.
+    """
+    g, d = gt_boxes.shape[0], det_boxes.shape[0]
+    device = gt_boxes.device
+    if g == 0 or d == 0:
+        return torch.full((g,), -1, dtype=torch.long, device=device)
+    gt, det = gt_boxes.detach().float(), det_boxes.detach().float()
+    same = gt_replica.view(-1, 1) == det_replica.view(1, -1)
+    dist = torch.cdist(gt, det).masked_fill(~same, float('inf'))
+    best = dist.argmin(dim=1)
+    rows = torch.arange(g, device=device)
+    iou = box_iou(gt, det)[rows, best]
+    ok = same[rows, best] & (iou >= iou_threshold)
+    return torch.where(ok, best, torch.full_like(best, -1))
+
+
+def replica_area_pairs(boxes: torch.Tensor, replica: torch.Tensor, num_replicas: int,
+                       threshold: float) -> torch.Tensor:
+    """The paper's replica test before greedy matching: two replicas "are considered to have been augmented from the
+    same image" when the area ratio of their bounding boxes exceeds a threshold. Here the area of a replica is the
+    summed area of its boxes (given in a shared frame, e.g. the normalised source frame, so that the augmentation's
+    scale does not change it) and the ratio is ``min / max`` of two replicas' areas.
+
+    Returns ``(R, R)`` bool: ``[k, k']`` is True when both replicas have boxes and ``ratio >= threshold``."""
+    area = boxes.new_zeros(num_replicas).index_add(0, replica, box_areas(boxes.detach().float()))
+    lo = torch.minimum(area.view(-1, 1), area.view(1, -1))
+    hi = torch.maximum(area.view(-1, 1), area.view(1, -1))
+    ratio = torch.where(hi > 0, lo / hi.clamp_min(1e-12), torch.zeros_like(hi))
+    return (ratio >= threshold) & (lo > 0)

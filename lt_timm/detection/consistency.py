@@ -60,9 +60,27 @@ over the remaining boxes. Extra cost: one no-grad box-head pass over the RPN pro
 forward), the matching (``O(n^2)`` in the detections of the batch) and one RoI-head pass with gradients over the
 matched boxes. Before any prediction is good there may be no (matched) detection: the term is then exactly 0.
 
-Both modes: groups of one row contribute nothing and are not counted in the means; empty images, degenerate boxes
-(dropped before torchvision sees them) and replicas that lost every instance give a zero term and a finite loss;
-with ``rho = 0`` the term is only measured (no gradient).
+The paper's section 3.2 as written gives two more ways to find the rows (both on the model's own detections, then
+the same class / box / mask terms as ``predicted``):
+
+``match='resort'`` — ``Resort(p_k | y)``, the paper's matching "when training a model from scratch": each annotated
+instance of a replica takes the replica's *nearest* detection (Euclidean distance of the normalised source-frame
+xyxy coordinates, :func:`~lt_timm.detection.align.resort_rows`), dropped when that detection overlaps the annotation
+by less than ``match_iou`` (the paper's threshold for instances the augmentation removed); the replicas' detections
+of one annotated instance form a group (the annotation's label is the group's class).
+
+``match='area-greedy'`` — the paper's matching otherwise: two replicas are taken as augmentations of the same image
+when the ratio of their detections' summed (normalised source-frame) areas is at least ``area_ratio``
+(:func:`~lt_timm.detection.align.replica_area_pairs`), and the detections of such replicas are matched greedily as in
+``predicted``. The batch layout (which replicas come from one image) is *not* used: the area test alone decides, as
+in the paper, so replicas of different images whose areas agree can be paired.
+
+Every mode: objects that simple copy-paste added to a replica (``instance_ids < 0``; their source-frame boxes in
+``ReplicaParams.pasted``) have no counterpart in the source image and are never grouped: annotations with negative
+ids are left out, and detections overlapping a pasted box by ``match_iou`` are left out of the matching. Groups of
+one row contribute nothing and are not counted in the means; empty images, degenerate boxes (dropped before
+torchvision sees them) and replicas that lost every instance give a zero term and a finite loss; with ``rho = 0``
+the term is only measured (no gradient).
 """
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -70,17 +88,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from ..layout import replica_groups
 from ..loss import grouped_kl, log_distribution
-from .align import cluster_mean_boxes, greedy_match_rows
+from .align import cluster_mean_boxes, greedy_match_rows, replica_area_pairs, resort_rows
 from .transforms import ReplicaParams, identity_params
 
 __all__ = ['InstanceLossTransform', 'sanitize_targets', 'is_retinanet', 'rcnn_detections', 'retinanet_detections',
-           'source_boxes', 'canvas_cut', 'clip_to_input', 'replica_geometry', 'MATCH_MODES']
+           'source_boxes', 'canvas_cut', 'clip_to_input', 'replica_geometry', 'pasted_overlap', 'MATCH_MODES']
 
 MATCH_MODES = ('gt', 'predicted')
+_SECTION_3_2_MODES = ('resort', 'area-greedy')  # TODO(issue 23): into MATCH_MODES once the CLI offers them
 
 
 def sanitize_targets(targets: List[Dict[str, torch.Tensor]], min_size: float = 1e-3) -> List[Dict[str, torch.Tensor]]:
@@ -157,6 +176,19 @@ def clip_to_input(boxes: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
     return torch.minimum(boxes.clamp_min(0.0), size)
 
 
+def pasted_overlap(src: torch.Tensor, rep: torch.Tensor, replica_params: Sequence[ReplicaParams],
+                   iou_threshold: float) -> torch.Tensor:
+    """``(n,)`` bool: the source-frame box overlaps (IoU >= ``iou_threshold``) an object that copy-paste added to its
+    own replica (``ReplicaParams.pasted``) — a detection of something the source image does not hold."""
+    rows = [(r, box) for r, p in enumerate(replica_params) for box in getattr(p, 'pasted', ())]
+    if not rows or src.shape[0] == 0:
+        return torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    boxes = torch.tensor([b for _, b in rows], dtype=torch.float32, device=src.device)
+    owner = torch.tensor([r for r, _ in rows], device=src.device)
+    iou = box_iou(src.detach().float(), boxes).masked_fill(rep.view(-1, 1) != owner.view(1, -1), 0.0)
+    return (iou >= iou_threshold).any(dim=1)
+
+
 # ----------------------------------------------------------------------------------------- detections
 def rcnn_detections(heads: nn.Module, features, proposals: List[torch.Tensor], image_sizes
                     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
@@ -228,24 +260,31 @@ class InstanceLossTransform(nn.Module):
         box_beta: smooth-L1 beta for the (image-size normalised) box term.
         detach_consensus: stop gradients through the class/box/mask consensus (the ``predicted`` box anchor is
             always a fixed target).
-        match: ``'gt'`` (instances = annotated instances, R-CNN only) or ``'predicted'`` (instances = the model's
-            detections matched across replicas; see the module docstring).
-        match_iou: (``predicted``) IoU a detection needs with a cluster's first box to join it.
+        match: ``'gt'`` (instances = annotated instances, R-CNN only), ``'predicted'`` (instances = the model's
+            detections matched across replicas), ``'resort'`` (each annotation's nearest detection per replica) or
+            ``'area-greedy'`` (replicas paired by their detections' area ratio, then greedy matching); see the
+            module docstring.
+        match_iou: (``predicted`` / ``area-greedy``) IoU a detection needs with a cluster's first box to join it;
+            (``resort``) IoU the nearest detection needs with the annotation to be kept.
+        area_ratio: (``area-greedy``) the area ratio two replicas need to be matched.
     After each training call ``last_parts`` holds the detached class/box/mask terms and group counts.
     """
 
     def __init__(self, model: nn.Module, num_repeats: int, rho: float = 1.0, box_weight: float = 1.0,
                  mask_weight: float = 1.0, min_visible: float = 0.5, box_beta: float = 0.02,
-                 detach_consensus: bool = False, match: str = 'gt', match_iou: float = 0.5):
+                 detach_consensus: bool = False, match: str = 'gt', match_iou: float = 0.5,
+                 area_ratio: float = 0.8):
         super().__init__()
         if not isinstance(num_repeats, int) or num_repeats < 1:
             raise ValueError(f'num_repeats must be an integer >= 1 (--aug-repeats), got {num_repeats!r}.')
         if not rho >= 0:
             raise ValueError(f'rho must be >= 0 (--lt-rho), got {rho!r}.')
-        if match not in MATCH_MODES:
-            raise ValueError(f'match must be one of {MATCH_MODES} (--lt-match), got {match!r}.')
+        if match not in MATCH_MODES + _SECTION_3_2_MODES:
+            raise ValueError(f'match must be one of {MATCH_MODES + _SECTION_3_2_MODES} (--lt-match), got {match!r}.')
         if not 0.0 < match_iou <= 1.0:
             raise ValueError(f'match_iou must be in (0, 1] (--lt-match-iou), got {match_iou!r}.')
+        if not 0.0 < area_ratio <= 1.0:
+            raise ValueError(f'area_ratio must be in (0, 1] (--lt-area-ratio), got {area_ratio!r}.')
         if match == 'gt' and is_retinanet(model):
             raise ValueError("RetinaNet has no RoI heads to evaluate ground-truth instances: use match='predicted' "
                              "(--lt-match predicted).")
@@ -259,12 +298,13 @@ class InstanceLossTransform(nn.Module):
         self.detach_consensus = detach_consensus
         self.match = match
         self.match_iou = float(match_iou)
+        self.area_ratio = float(area_ratio)
         self.last_parts_tensors: Dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return (f'num_repeats={self.num_repeats}, rho={self.rho}, box_weight={self.box_weight}, '
                 f'mask_weight={self.mask_weight}, min_visible={self.min_visible}, match={self.match!r}, '
-                f'match_iou={self.match_iou}')
+                f'match_iou={self.match_iou}, area_ratio={self.area_ratio}')
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None,
@@ -296,7 +336,7 @@ class InstanceLossTransform(nn.Module):
         else:
             def term():
                 return self.predicted_consistency(features, proposals, image_list.image_sizes, original_sizes,
-                                                  replica_params)
+                                                  replica_params, tgts)
         return self._add_consistency(losses, term, image_list.tensors)
 
     def forward_retinanet(self, images, targets, original_sizes, replica_params) -> Dict[str, torch.Tensor]:
@@ -315,7 +355,7 @@ class InstanceLossTransform(nn.Module):
 
         def term():
             return self.retinanet_consistency(head_outputs, anchors, anchors_per_level(feats, head_outputs),
-                                              image_list.image_sizes, original_sizes, replica_params)
+                                              image_list.image_sizes, original_sizes, replica_params, tgts)
         return self._add_consistency(losses, term, image_list.tensors)
 
     def _add_consistency(self, losses: Dict[str, torch.Tensor], term: Callable[[], torch.Tensor],
@@ -368,7 +408,7 @@ class InstanceLossTransform(nn.Module):
                          else torch.arange(c, device=device) for t, c in zip(targets, counts)])
         vis = torch.cat([t['visible'].to(device).reshape(-1) if 'visible' in t
                          else torch.ones(c, device=device) for t, c in zip(targets, counts)])
-        keep = vis >= self.min_visible
+        keep = (vis >= self.min_visible) & (ids >= 0)  # negative ids: objects copy-paste added
         full = vis.float() >= 1.0 - 1e-6
         key = replica_groups(b, self.num_repeats, device=device)[rep] * (1 << 20) + ids
         same = key.view(-1, 1) == key.view(1, -1)
@@ -419,16 +459,17 @@ class InstanceLossTransform(nn.Module):
         return total + zero
 
     # -------------------------------------------------------------------------- predicted (matched) mode
-    def predicted_consistency(self, features, proposals, image_sizes, original_sizes, replica_params) -> torch.Tensor:
-        """The unweighted ``predicted``-mode term for Faster/Mask R-CNN (see the module docstring): detections from
-        this step's proposals (no grad), matched across replicas, then the RoI heads with gradients on each
-        replica's matched boxes."""
+    def predicted_consistency(self, features, proposals, image_sizes, original_sizes, replica_params,
+                              targets=None) -> torch.Tensor:
+        """The unweighted term of the detection-based modes (``predicted``, ``resort``, ``area-greedy``) for
+        Faster/Mask R-CNN (see the module docstring): detections from this step's proposals (no grad), grouped
+        across replicas, then the RoI heads with gradients on each replica's grouped boxes."""
         heads = self.model.roi_heads
         first = next(iter(features.values()))
         zero = sum(f.sum() for f in features.values()) * 0.0  # keeps the graph connected, exactly 0
         self._reset_parts(first)
         boxes, scores, labels = rcnn_detections(heads, features, proposals, image_sizes)
-        c = self._clusters(boxes, scores, labels, image_sizes, original_sizes, replica_params)
+        c = self._rows(boxes, scores, labels, image_sizes, original_sizes, replica_params, targets)
         if c is None:
             return zero
         k = c['det'].shape[0]
@@ -448,7 +489,7 @@ class InstanceLossTransform(nn.Module):
         return self._matched_terms(log_distribution(class_logits, 'softmax'), src, mlogits, c) + zero
 
     def retinanet_consistency(self, head_outputs, anchors, level_sizes, image_sizes, original_sizes,
-                              replica_params) -> torch.Tensor:
+                              replica_params, targets=None) -> torch.Tensor:
         """The unweighted ``predicted``-mode term for RetinaNet: detections with their anchor indices (no grad),
         matched across replicas; the class logits and box regression of each matched detection's anchor (with
         gradients) give a per-class Bernoulli KL (summed over classes) and the box term."""
@@ -457,7 +498,7 @@ class InstanceLossTransform(nn.Module):
         self._reset_parts(cls_logits)
         boxes, scores, labels, anchor_idx = retinanet_detections(self.model, head_outputs, anchors, level_sizes,
                                                                  image_sizes)
-        c = self._clusters(boxes, scores, labels, image_sizes, original_sizes, replica_params)
+        c = self._rows(boxes, scores, labels, image_sizes, original_sizes, replica_params, targets)
         if c is None:
             return zero
         r, a = c['rep'], torch.cat(anchor_idx)[c['index']]
@@ -467,8 +508,17 @@ class InstanceLossTransform(nn.Module):
             src = source_boxes(clip_to_input(pred, c['geo']), c['geo']) / c['geo'][:, 12:16]
         return self._matched_terms(log_distribution(cls_logits[r, a], 'bernoulli'), src, None, c) + zero
 
+    def _rows(self, boxes, scores, labels, image_sizes, original_sizes, replica_params, targets) -> Optional[Dict]:
+        """The rows of the detection-based modes: :meth:`_resort` (``resort``) or :meth:`_clusters`."""
+        if self.match == 'resort':
+            if targets is None:
+                raise ValueError("match='resort' pairs detections through the annotations: pass the targets.")
+            return self._resort(boxes, targets, image_sizes, original_sizes, replica_params)
+        return self._clusters(boxes, scores, labels, image_sizes, original_sizes, replica_params)
+
     def _clusters(self, boxes, scores, labels, image_sizes, original_sizes, replica_params) -> Optional[Dict]:
-        """Match the batch's detections (per replica, model-input frame) across the replicas of each source image.
+        """Match the batch's detections (per replica, model-input frame) across the replicas of each source image
+        (``predicted``) or of each pair of replicas that passes the area test (``area-greedy``).
 
         Returns None when no cluster holds two boxes, else the rows in clusters of >= 2 (in replica order):
         ``det`` (model-input boxes), ``rep``, ``label`` (of the cluster's highest-scoring box), ``gid`` (cluster =
@@ -486,9 +536,16 @@ class InstanceLossTransform(nn.Module):
                                       output_size=n)
         geo = replica_geometry(image_sizes, original_sizes, replica_params, device)[rep]
         src = source_boxes(det, geo)
-        image = replica_groups(b, self.num_repeats, device=device)[rep]
-        anchor = greedy_match_rows(src, torch.cat(scores), rep, image, self.match_iou)
         arange = torch.arange(n, device=device)
+        pairs = None
+        if self.match == 'area-greedy':  # the area test decides which replicas show one image, not the layout
+            image = torch.zeros(n, dtype=torch.long, device=device)
+            pairs = replica_area_pairs(src / geo[:, 12:16], rep, b, self.area_ratio)
+        else:
+            image = replica_groups(b, self.num_repeats, device=device)[rep]
+        pasted = pasted_overlap(src, rep, replica_params, self.match_iou)
+        image = torch.where(pasted, -1 - arange, image)  # an image of their own: never matched
+        anchor = greedy_match_rows(src, torch.cat(scores), rep, image, self.match_iou, replica_pairs=pairs)
         multi = torch.bincount(anchor, minlength=n)[anchor] >= 2
         self.last_parts_tensors['groups'] = (multi & (anchor == arange)).sum()
         whole = multi & ~canvas_cut(det, geo)
@@ -500,6 +557,51 @@ class InstanceLossTransform(nn.Module):
         return {'det': det[index], 'rep': rep[index], 'label': torch.cat(labels).long()[anchor[index]],
                 'gid': anchor[index], 'fsel': fsel[index], 'target': target[index], 'geo': geo[index],
                 'index': index, 'n': n, 'per_replica': torch.bincount(rep[index], minlength=b).tolist()}
+
+    def _resort(self, boxes, targets, image_sizes, original_sizes, replica_params) -> Optional[Dict]:
+        """``Resort(p_k | y)``: each annotation row (model-input frame, after torchvision's transform) takes its
+        replica's nearest detection (:func:`~lt_timm.detection.align.resort_rows`); rows of one (source image,
+        instance) form a group. Annotations copy-paste added (negative ids) or less visible than ``min_visible``
+        are left out. Box and mask rows: fully visible annotations whose detection no crop edge cuts, in groups
+        with >= 2 of them; the anchor box is the mean of their detections. Same dict as :meth:`_clusters`, over
+        the annotation rows (``n`` = their number; ``label`` = the annotation's)."""
+        b = len(boxes)
+        counts = [int(x.shape[0]) for x in boxes]
+        gcounts = [int(t['boxes'].shape[0]) for t in targets]
+        g = sum(gcounts)
+        if sum(counts) == 0 or g == 0:
+            return None
+        device = boxes[0].device
+        geo_all = replica_geometry(image_sizes, original_sizes, replica_params, device)
+        det = torch.cat(boxes).float()
+        drep = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(counts, device=device))
+        dsrc = source_boxes(det, geo_all[drep]) / geo_all[drep][:, 12:16]
+        grep = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(gcounts, device=device))
+        geo = geo_all[grep]
+        gsrc = source_boxes(torch.cat([t['boxes'].float() for t in targets]), geo) / geo[:, 12:16]
+        ids = torch.cat([t['instance_ids'].to(device).long().reshape(-1) if 'instance_ids' in t
+                         else torch.arange(c, device=device) for t, c in zip(targets, gcounts)])
+        vis = torch.cat([t['visible'].to(device).reshape(-1) if 'visible' in t
+                         else torch.ones(c, device=device) for t, c in zip(targets, gcounts)])
+        pick = resort_rows(gsrc, grep, dsrc, drep, self.match_iou)
+        valid = (pick >= 0) & (ids >= 0) & (vis >= self.min_visible)
+        key = replica_groups(b, self.num_repeats, device=device)[grep] * (1 << 20) + ids
+        member = (key.view(-1, 1) == key.view(1, -1)) & valid.view(1, -1) & valid.view(-1, 1)
+        multi = valid & (member.sum(dim=1) >= 2)
+        arange = torch.arange(g, device=device)
+        gid = torch.where(multi, _first_member(member), arange)
+        self.last_parts_tensors['groups'] = (multi & (gid == arange)).sum()
+        index = torch.nonzero(multi).squeeze(1)
+        if index.numel() == 0:
+            return None
+        safe = pick.clamp_min(0)
+        whole = multi & (vis.float() >= 1.0 - 1e-6) & ~canvas_cut(det[safe], geo)
+        fsel = whole & (torch.zeros(g, device=device).index_add(0, gid, whole.float())[gid] >= 2)
+        target = cluster_mean_boxes(dsrc[safe], gid, weight=fsel, num_groups=g)
+        labels = torch.cat([t['labels'] for t in targets]).to(device).long()
+        return {'det': det[pick[index]], 'rep': grep[index], 'label': labels[index], 'gid': gid[index],
+                'fsel': fsel[index], 'target': target[index], 'geo': geo[index], 'index': pick[index], 'n': g,
+                'per_replica': torch.bincount(grep[index], minlength=b).tolist()}
 
     def _matched_terms(self, logp: torch.Tensor, src: Optional[torch.Tensor], mlogits: Optional[torch.Tensor],
                        c: Dict) -> torch.Tensor:

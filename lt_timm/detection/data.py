@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as F
 from .transforms import identity_params
 
 __all__ = ['PennFudanDataset', 'CocoDetectionDataset', 'ReplicaDataset', 'BlockBatchSampler', 'replica_collate',
-           'eval_collate',
+           'eval_collate', 'load_rgb',
            'split_indices', 'masks_to_boxes_safe', 'resize_sample', 'category_labels', 'LABEL_SPACES']
 
 LABEL_SPACES = ('contiguous', 'coco_ids')  # CocoDetectionDataset's label_space
@@ -34,7 +34,8 @@ def _require(path: str, what: str) -> None:
         raise FileNotFoundError(f'{what} not found: {path}')
 
 
-def _load_rgb(path: str) -> torch.Tensor:
+def load_rgb(path: str) -> torch.Tensor:
+    """An image file as a ``(3, H, W)`` uint8 RGB tensor."""
     from PIL import Image
     with Image.open(path) as im:
         arr = np.asarray(im.convert('RGB'), dtype=np.uint8).copy()
@@ -102,7 +103,7 @@ class PennFudanDataset(Dataset):
         return len(self.imgs)
 
     def _load(self, idx: int):
-        img = _load_rgb(os.path.join(self.root, 'PNGImages', self.imgs[idx]))
+        img = load_rgb(os.path.join(self.root, 'PNGImages', self.imgs[idx]))
         from PIL import Image
         with Image.open(os.path.join(self.root, 'PedMasks', self.masks[idx])) as im:
             mask = torch.from_numpy(np.asarray(im, dtype=np.int64).copy())
@@ -178,7 +179,7 @@ class CocoDetectionDataset(Dataset):
         info = self.coco.imgs[img_id]
         path = os.path.join(self.img_dir, info['file_name'])
         _require(path, 'COCO image')
-        img = _load_rgb(path)
+        img = load_rgb(path)
         h, w = img.shape[-2:]
         anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get('iscrowd', 0)]
         boxes, labels, masks = [], [], []
@@ -197,7 +198,8 @@ class CocoDetectionDataset(Dataset):
             'image_id': img_id,
             'iscrowd': torch.zeros((n,), dtype=torch.int64),
         }
-        target['area'] = (target['boxes'][:, 2] - target['boxes'][:, 0]) * (target['boxes'][:, 3] - target['boxes'][:, 1])
+        b = target['boxes']
+        target['area'] = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
         if self.with_masks:
             target['masks'] = torch.stack(masks).to(torch.uint8) if n else torch.zeros((0, h, w), dtype=torch.uint8)
         img, target = resize_sample(img, target, self.img_size)
@@ -221,15 +223,20 @@ class ReplicaDataset(Dataset):
 
     The randomness is a function of ``(seed, epoch, i)`` — call :meth:`set_epoch` each epoch — so runs are
     reproducible with any number of workers. ``augment=None`` gives identity replicas (evaluation).
+    ``copy_paste`` (a :class:`~lt_timm.detection.copy_paste.CopyPaste`): each replica may get instances of another
+    image of ``indices`` pasted first, in the source frame; their boxes go to the replica's ``ReplicaParams.pasted``.
     """
 
     def __init__(self, base: Dataset, num_repeats: int = 1, augment: Optional[Callable] = None,
-                 indices: Optional[Sequence[int]] = None, seed: int = 0):
+                 indices: Optional[Sequence[int]] = None, seed: int = 0, copy_paste: Optional[Callable] = None):
         if num_repeats < 1:
             raise ValueError(f'num_repeats must be >= 1, got {num_repeats}.')
+        if copy_paste is not None and augment is None:
+            raise ValueError('copy-paste is a training augmentation: it needs an augment (ReplicaAugment).')
         self.base = base
         self.num_repeats = num_repeats
         self.augment = augment
+        self.copy_paste = copy_paste
         self.indices = list(range(len(base))) if indices is None else list(indices)
         self.seed = seed
         self.epoch = 0
@@ -254,9 +261,20 @@ class ReplicaDataset(Dataset):
                 t = dict(target)
                 t['visible'] = torch.ones(n)
                 out.append((img.clone(), t, identity_params(tuple(img.shape[-2:]))))
-            else:
+            elif self.copy_paste is None:
                 out.append(self.augment(img, dict(target), generator=g))
+            else:
+                pimg, pt, pasted = self.copy_paste(img, dict(target), *self._donor(i, g), generator=g)
+                out.append(self.augment(pimg, pt, generator=g, pasted=pasted))
         return out
+
+    def _donor(self, i: int, g: torch.Generator):
+        """Another image of the set (uniformly drawn; the image itself when the set has one image)."""
+        n = len(self.indices)
+        j = int(torch.randint(0, n - 1, (), generator=g)) if n > 1 else 0
+        j = j + 1 if n > 1 and j >= i else j
+        img, target = self.base[self.indices[j]]
+        return img, target
 
 
 def replica_collate(batch: List[List[tuple]]):

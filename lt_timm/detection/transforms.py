@@ -14,10 +14,18 @@ replica back into the source frame (``x -> (x - tx) / sx``, then ``x -> W - x`` 
 canvas; their ``visible`` fraction (clipped area / unclipped area) is reported so that callers can drop
 instances that the augmentation cut out.
 
+A *random crop* (the paper's Table 4: "Horizontal flipping, random cropping and simple copy-paste data
+augmentations are used") is the same composition without scaling: the canvas is the crop window
+``[x0, x0 + cw) x [y0, y0 + ch)`` of the (flipped) source, i.e. ``out_size = (ch, cw)``, ``tx = -x0``,
+``ty = -y0`` (:func:`sample_crop_params`); the replica is the crop at its own size (the detector's transform
+resizes it, as any image). Simple copy-paste happens before, in the source frame
+(:mod:`lt_timm.detection.copy_paste`); the boxes it pasted are kept in ``ReplicaParams.pasted`` (source frame) so
+that the matching can leave out detections of objects that the source image does not hold.
+
 The image and mask forward path uses ``torchvision.transforms.v2.functional`` (``horizontal_flip``,
 ``resize``); box arithmetic is done here so that forward and inverse are exact inverses of each other.
 """
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -26,20 +34,24 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
-    'ReplicaParams', 'ReplicaAugment', 'sample_params', 'identity_params', 'forward_boxes', 'invert_boxes',
+    'ReplicaParams', 'ReplicaAugment', 'sample_params', 'sample_crop_params', 'identity_params', 'forward_boxes',
+    'invert_boxes',
     'clip_boxes', 'box_area', 'apply_image', 'apply_masks', 'invert_masks', 'apply_replica',
 ]
 
 
 @dataclass(frozen=True)
 class ReplicaParams:
-    """Geometry of one replica. ``src_size``/``out_size`` are ``(H, W)``; ``tx, ty`` are integer pixels."""
+    """Geometry of one replica. ``src_size``/``out_size`` are ``(H, W)``; ``tx, ty`` are integer pixels.
+    ``pasted``: xyxy source-frame boxes of the objects simple copy-paste put into this replica (no counterpart in
+    the source image or in the other replicas)."""
     src_size: Tuple[int, int]
     out_size: Tuple[int, int]
     flip: bool = False
     scaled_size: Optional[Tuple[int, int]] = None  # (h, w) after scaling; None = no scaling
     tx: int = 0
     ty: int = 0
+    pasted: Tuple[Tuple[float, float, float, float], ...] = ()
 
     @property
     def sx(self) -> float:
@@ -81,6 +93,27 @@ def sample_params(
     tx = int(round((ow - sw) / 2 + u(-translate_frac, translate_frac) * w))
     ty = int(round((oh - sh) / 2 + u(-translate_frac, translate_frac) * h))
     return ReplicaParams(src_size=(h, w), out_size=(oh, ow), flip=flip, scaled_size=scaled, tx=tx, ty=ty)
+
+
+def sample_crop_params(
+        size: Tuple[int, int],
+        flip_prob: float = 0.5,
+        crop_scale: Tuple[float, float] = (0.5, 1.0),
+        generator: Optional[torch.Generator] = None,
+) -> ReplicaParams:
+    """Draw a flip and a random crop: each side of the window is a fraction ``U(crop_scale)`` of the source's
+    (drawn independently, at least 1 px), its position uniform; the canvas is the window (no scaling)."""
+    h, w = int(size[0]), int(size[1])
+    lo, hi = float(crop_scale[0]), float(crop_scale[1])
+
+    def u(a, b):
+        return a + (b - a) * float(torch.rand((), generator=generator))
+
+    flip = float(torch.rand((), generator=generator)) < flip_prob
+    ch, cw = max(1, min(h, int(round(h * u(lo, hi))))), max(1, min(w, int(round(w * u(lo, hi)))))
+    y0 = int(torch.randint(0, h - ch + 1, (), generator=generator))
+    x0 = int(torch.randint(0, w - cw + 1, (), generator=generator))
+    return ReplicaParams(src_size=(h, w), out_size=(ch, cw), flip=flip, tx=-x0, ty=-y0)
 
 
 # ----------------------------------------------------------------------------------------------- boxes
@@ -184,12 +217,16 @@ def apply_replica(
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Augment an image and its target. Instances whose visible fraction is below ``min_visible`` or whose
     clipped box is thinner than ``min_size`` px are dropped. The returned target keeps ``instance_ids``
-    (index of each kept instance in the source target) and ``visible`` (clipped / unclipped area)."""
+    (index of each kept instance in the source target; negative for objects copy-paste added) and ``visible``
+    (clipped / unclipped area, times the target's own ``visible`` when it has one: copy-paste's unoccluded
+    fraction)."""
     boxes = target['boxes']
     moved = forward_boxes(boxes, p)
     clipped = clip_boxes(moved, p.out_size)
     full = box_area(moved)
     visible = torch.where(full > 0, box_area(clipped) / full.clamp_min(1e-12), torch.zeros_like(full))
+    if 'visible' in target:
+        visible = visible * target['visible'].to(visible.dtype)
     wh_ok = ((clipped[:, 2] - clipped[:, 0]) >= min_size) & ((clipped[:, 3] - clipped[:, 1]) >= min_size)
     keep = (visible >= min_visible) & wh_ok
     n = boxes.shape[0]
@@ -209,17 +246,36 @@ def apply_replica(
 
 
 class ReplicaAugment:
-    """Callable that draws parameters and augments ``(img, target)``; returns ``(img, target, params)``."""
+    """Callable that draws parameters and augments ``(img, target)``; returns ``(img, target, params)``.
+
+    ``crop_scale=None``: flip + scale + translation (:func:`sample_params`); ``crop_scale=(lo, hi)``: flip + random
+    crop (:func:`sample_crop_params`; ``scale_range`` and ``translate_frac`` must then be the identity, (1, 1) and
+    0). ``pasted``: the source-frame boxes copy-paste added, recorded in the params."""
 
     def __init__(self, flip_prob: float = 0.5, scale_range: Sequence[float] = (0.8, 1.2),
-                 translate_frac: float = 0.1, min_visible: float = 0.3):
+                 translate_frac: float = 0.1, min_visible: float = 0.3,
+                 crop_scale: Optional[Sequence[float]] = None):
         self.flip_prob = flip_prob
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.translate_frac = translate_frac
         self.min_visible = min_visible
+        self.crop_scale = None if crop_scale is None else (float(crop_scale[0]), float(crop_scale[1]))
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f'crop scale must satisfy 0 < min <= max <= 1 (fractions of each side), got '
+                                 f'{list(crop_scale)}.')
+            if self.scale_range != (1.0, 1.0) or translate_frac:
+                raise ValueError('a random crop replaces scale + translation: pass scale (1, 1) and translation 0 '
+                                 'with a crop scale.')
 
-    def __call__(self, img, target, generator: Optional[torch.Generator] = None):
-        p = sample_params(tuple(img.shape[-2:]), self.flip_prob, self.scale_range, self.translate_frac,
-                          generator=generator)
+    def __call__(self, img, target, generator: Optional[torch.Generator] = None, pasted=()):
+        size = tuple(img.shape[-2:])
+        if self.crop_scale is None:
+            p = sample_params(size, self.flip_prob, self.scale_range, self.translate_frac, generator=generator)
+        else:
+            p = sample_crop_params(size, self.flip_prob, self.crop_scale, generator=generator)
+        if len(pasted):
+            p = replace(p, pasted=tuple(tuple(float(v) for v in b) for b in pasted))
         img, target = apply_replica(img, target, p, self.min_visible)
         return img, target, p
