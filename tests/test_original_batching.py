@@ -107,7 +107,7 @@ def test_m32_original_layout_small_batch(tmp_path):
     ds = timm.data.create_dataset('', root=str(root), split='train', is_training=True)
     loader = create_loader(ds, (3, 32, 32), 2, is_training=True, num_aug_repeats=32, aug_repeat_mode='original',
                            use_prefetcher=False, num_workers=0, device=torch.device('cpu'), scale=(1.0, 1.0),
-                           ratio=(1.0, 1.0), hflip=0.5, auto_augment='rand-m9-mstd0.5-inc1', seed=3)
+                           ratio=(1.0, 1.0), hflip=0.5, auto_augment='rand-m9-n2-inc1', seed=3)
     assert len(loader) == 12 // 2
     x, y = next(iter(loader))
     assert x.shape == (64, 3, 32, 32)
