@@ -20,7 +20,8 @@ __all__ = ['Ranks', 'Precision', 'DataOptions', 'ModelOptions', 'LoaderOptions',
 
 def settings_from(cls, source, **overrides):
     """A ``cls`` whose fields are read from ``source``'s attributes of the same name (``overrides`` win)."""
-    values = {f.name: getattr(source, f.name) for f in fields(cls) if f.name not in overrides and hasattr(source, f.name)}
+    values = {f.name: getattr(source, f.name) for f in fields(cls)
+              if f.name not in overrides and hasattr(source, f.name)}
     return cls(**values, **overrides)
 
 
@@ -188,6 +189,7 @@ class RunOptions:
 class LoopOptions:
     """What :class:`lt_timm.trainer.Trainer` reads."""
     ranks: Ranks = field(default_factory=Ranks)
+    seed: int = 42
     grad_accum_steps: int = 1
     log_interval: int = 50
     val_interval: int = 1

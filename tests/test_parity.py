@@ -1,7 +1,7 @@
 """timm parity: every timm train.py / validate.py option is recognised (supported or refused by name), timm's own
 args.yaml loads with -c, and the supported options reach what they configure."""
-import argparse
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,11 +14,15 @@ import timm
 from lt_timm.errors import UserError
 from lt_timm.cli.parity import COMPUTED_KEYS, DEFAULT_DIFFERS, PARITY, timm_options
 from lt_timm.cli.parity_doc import render_markdown
-from lt_timm.cli.train import build_parser, parse_args
+from lt_timm.builders import (TRAIN_DATASET_OPTIONS, create_loaders, create_model_from, dataset_options,
+                              open_datasets, prepare_model, resolve_eval_num_classes)
+from lt_timm.cli.train import build_parser, parse_args, parse_config, resolve_dist_bn
 from lt_timm.cli.validate import build_validate_parser
-from lt_timm.evaluation import _load_checkpoint, resolve_eval_num_classes
-from lt_timm.training import (TRAIN_DATASET_OPTIONS, _create_loaders, _load_datasets, _prepare_model,
-                              create_model_from_args, create_optimizer_from_args, dataset_options, train_one_epoch)
+from lt_timm.cli.validate import parse_args as parse_validate_args
+from lt_timm.config import LoopOptions, Ranks
+from lt_timm.evaluation import load_eval_checkpoint
+from lt_timm.trainer import Trainer
+from lt_timm.training import create_optimizer, create_scheduler
 from conftest import REPO, make_image_folder
 from test_cli import RGB_FLAGS, assert_clean_failure, read_summary, run
 
@@ -105,76 +109,72 @@ def test_refused_options_exit_2_on_the_command_line(tmp_path):
 
 # ---------------------------------------------------------------- supported options reach what they configure
 
-def _args(*flags):
-    args, _ = parse_args(['--data-dir', '/nonexistent', '--model', 'test_resnet', *map(str, flags)])
-    args.distributed, args.world_size, args.rank, args.prefetcher = False, 1, 0, False
-    return args
+def _config(*flags):
+    """train.py's settings for these flags, parsed and resolved as train.py does (no data is read)."""
+    return parse_config(['--data-dir', '/nonexistent', '--model', 'test_resnet', *map(str, flags)])
 
 
 def test_model_flags_reach_the_model():
-    args = _args('--model-kwargs', 'stem_width=16', '--drop-block', '0.2', '--head-init-scale', '0.0',
-                 '--head-init-bias', '0.5', '--grad-checkpointing')
-    model = _prepare_model(args, create_model_from_args(args, 3, 3), torch.device('cpu'), None)
+    c = _config('--model-kwargs', 'stem_width=16', '--drop-block', '0.2', '--head-init-scale', '0.0',
+                '--head-init-bias', '0.5', '--grad-checkpointing')
+    model = prepare_model(c.model, create_model_from(c.model, 3), torch.device('cpu'), None)
     assert model.conv1[0].out_channels == 16
     assert any(type(m).__name__ == 'DropBlock2d' for m in model.modules())
     head = model.get_classifier()
     assert torch.all(head.weight == 0) and torch.all(head.bias == 0.5)
     assert model.grad_checkpointing
 
-    args = _args('--model', 'test_efficientnet', '--bn-momentum', '0.2', '--bn-eps', '0.001', '--model-dtype', 'bfloat16')
-    from lt_timm.training import resolve_model_dtype
-    model = _prepare_model(args, create_model_from_args(args, 3, 3), torch.device('cpu'), resolve_model_dtype(args))
+    c = _config('--model', 'test_efficientnet', '--bn-momentum', '0.2', '--bn-eps', '0.001', '--model-dtype', 'bfloat16')
+    model = prepare_model(c.model, create_model_from(c.model, 3), torch.device('cpu'), c.precision.model_dtype)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.momentum == 0.2 and m.eps == 0.001 for m in bns)
     assert next(model.parameters()).dtype == torch.bfloat16
     with pytest.raises(UserError, match='--model-dtype bfloat16 cannot be combined with --amp'):
-        resolve_model_dtype(_args('--model-dtype', 'bfloat16', '--amp'))
+        _config('--model-dtype', 'bfloat16', '--amp')
 
-    args = _args('--sync-bn')  # converted before DDP, and --dist-bn turned off, as timm (no data: a meta device)
-    args.distributed = True
-    model = _prepare_model(args, create_model_from_args(args, 3, 3), torch.device('meta'), None)
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) and args.dist_bn == ''
-    args = _args('--sync-bn')
-    args.distributed = True
+    c = _config('--sync-bn')  # converted before DDP, and --dist-bn turned off, as timm (no data: a meta device)
+    ddp = dataclasses.replace(c.ranks, distributed=True)
+    model = prepare_model(c.model, create_model_from(c.model, 3), torch.device('meta'), None, ddp)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) and \
+        resolve_dist_bn(c.loop.dist_bn, c.model.sync_bn, ddp.distributed) == ''
     with pytest.raises(UserError, match='--sync-bn needs GPU processes'):
-        _prepare_model(args, create_model_from_args(args, 3, 3), torch.device('cpu'), None)
+        prepare_model(c.model, create_model_from(c.model, 3), torch.device('cpu'), None, ddp)
     with pytest.raises(UserError, match='--split-bn needs --aug-splits'):
-        _prepare_model(_args('--split-bn'), create_model_from_args(_args(), 3, 3), torch.device('cpu'), None)
+        prepare_model(_config('--split-bn').model, create_model_from(_config().model, 3), torch.device('cpu'), None)
 
 
 def test_optimizer_and_scheduler_flags():
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    args = _args('--opt', 'adamw', '--opt-kwargs', 'amsgrad=True', '--lr', '0.1', '--sched', 'cosine',
-                 '--lr-cycle-decay', '0.3', '--lr-cycle-limit', '2', '--lr-k-decay', '0.5', '--lr-noise', '0.5',
-                 '--lr-noise-pct', '0.2', '--lr-noise-std', '0.7', '--epochs', '10')
-    opt = create_optimizer_from_args(nn.Linear(2, 2), args)
+    c = _config('--opt', 'adamw', '--opt-kwargs', 'amsgrad=True', '--lr', '0.1', '--sched', 'cosine',
+                '--lr-cycle-decay', '0.3', '--lr-cycle-limit', '2', '--lr-k-decay', '0.5', '--lr-noise', '0.5',
+                '--lr-noise-pct', '0.2', '--lr-noise-std', '0.7', '--epochs', '10')
+    opt = create_optimizer(nn.Linear(2, 2), c.optim)
     assert opt.defaults['amsgrad'] is True
-    sched, _ = create_scheduler_v2(opt, **scheduler_kwargs(args), updates_per_epoch=1)
+    sched, _ = create_scheduler(opt, c.optim, updates_per_epoch=1, start_epoch=0)
     assert (sched.cycle_decay, sched.cycle_limit, sched.k_decay, sched.noise_pct, sched.noise_std) == \
            (0.3, 2, 0.5, 0.2, 0.7)
 
 
 def test_augmentation_flags_reach_the_train_transform(tmp_path):
     data = make_image_folder(tmp_path / 'd')
-    args = _args('--data-dir', data, '--val-split', 'val', '--img-size', '32', '--workers', '0', '-b', '6',
-                 '--grayscale-prob', '0.5', '--gaussian-blur-prob', '0.3', '--color-jitter-prob', '0.8',
-                 '--worker-seeding', 'part', '--aug-repeats', '3', '--no-prefetcher')
-    args.data_dir = str(data)
-    train_ds, eval_ds, _ = _load_datasets(args, 3)
+    c = _config('--data-dir', data, '--val-split', 'val', '--img-size', '32', '--workers', '0', '-b', '6',
+                '--grayscale-prob', '0.5', '--gaussian-blur-prob', '0.3', '--color-jitter-prob', '0.8',
+                '--worker-seeding', 'part', '--aug-repeats', '3', '--no-prefetcher')
+    train_ds, eval_ds, _ = open_datasets(c.data, c.ranks)
     cfg = dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
-    loader, _ = _create_loaders(args, train_ds, eval_ds, cfg, None, torch.device('cpu'))
+    loader, _ = create_loaders(c.loader, train_ds, eval_ds, cfg, None, torch.device('cpu'))
     text = repr(loader.dataset.transform)
     assert 'RandomGrayscale(p=0.5)' in text and 'GaussianBlur' in text and 'RandomApply' in text
     assert loader.worker_init_fn.keywords['worker_seeding'] == 'part'
 
 
 def test_dataset_options_apply_where_timm_uses_them():
-    args = _args('--train-num-samples', '100', '--epoch-repeats', '2', '--val-num-samples', '10')
+    flags = ('--train-num-samples', '100', '--epoch-repeats', '2', '--val-num-samples', '10')
+    data = _config(*flags).data
     with pytest.raises(UserError, match='--train-num-samples applies to tfds/wds/hfids datasets only'):
-        dataset_options(args, TRAIN_DATASET_OPTIONS, True)
-    args.dataset = 'wds/shards'
-    assert dataset_options(args, TRAIN_DATASET_OPTIONS, True) == dict(num_samples=100, repeats=2.0)
-    assert dataset_options(args, TRAIN_DATASET_OPTIONS, False) == dict(num_samples=10)
+        dataset_options(data.dataset, data.extras, TRAIN_DATASET_OPTIONS, True)
+    data = _config(*flags, '--dataset', 'wds/shards').data
+    assert dataset_options(data.dataset, data.extras, TRAIN_DATASET_OPTIONS, True) == dict(num_samples=100, repeats=2.0)
+    assert dataset_options(data.dataset, data.extras, TRAIN_DATASET_OPTIONS, False) == dict(num_samples=10)
 
 
 def test_num_classes_of_a_dataset_without_reader():
@@ -198,12 +198,10 @@ def test_use_ema_without_ema_weights_is_refused(tmp_path):
     model = timm.create_model('test_resnet', num_classes=3)
     ckpt = tmp_path / 'plain.pth.tar'
     torch.save({'state_dict': model.state_dict()}, ckpt)
-    args = build_validate_parser().parse_args(['--model', 'test_resnet', '--checkpoint', str(ckpt), '--use-ema'])
-    args.num_classes = 3
+    c = parse_validate_args(['--model', 'test_resnet', '--checkpoint', str(ckpt), '--use-ema'])
     with pytest.raises(UserError, match='no EMA weights'):
-        _load_checkpoint(model, args)
-    args.use_ema = False
-    _load_checkpoint(model, args)
+        load_eval_checkpoint(model, c.checkpoint, c.use_ema, c.model.model, 3)
+    load_eval_checkpoint(model, c.checkpoint, False, c.model.model, 3)
 
 
 # ---------------------------------------------------------------- gradient accumulation
@@ -228,13 +226,13 @@ def _accumulated_epoch(batch, accum, seed=0):
     steps = []
     real_step = opt.step
     opt.step = lambda *a, **k: (steps.append(1), real_step(*a, **k))[1]
-    args = argparse.Namespace(mixup_off_epoch=0, prefetcher=False, distributed=False, world_size=1, rank=0,
-                              grad_accum_steps=accum, channels_last=False, check_loss_every_step=False,
-                              clip_grad=None, clip_mode='norm', log_interval=50, synchronize_step=False,
-                              save_images=False, recovery_interval=0)
+    loop = LoopOptions(mixup_off_epoch=0, prefetcher=False, ranks=Ranks(distributed=False, world_size=1, rank=0),
+                       grad_accum_steps=accum, channels_last=False, check_loss_every_step=False,
+                       clip_grad=None, clip_mode='norm', log_interval=50, synchronize_step=False,
+                       save_images=False, recovery_interval=0)
     loader = [(x[i:i + batch], y[i:i + batch]) for i in range(0, 24, batch)]
     sched = _Steps()
-    metrics = train_one_epoch(0, task, loader, opt, args, torch.device('cpu'), lr_scheduler=sched)
+    metrics = Trainer(task, opt, loader, torch.device('cpu'), loop, lr_scheduler=sched).train_epoch(0)
     return model, len(steps), sched.updates, metrics
 
 

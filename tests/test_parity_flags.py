@@ -21,11 +21,14 @@ import timm
 import timm.data
 from timm.layers import is_fast_norm, set_fast_norm
 
-from lt_timm import evaluation, training
-from lt_timm.cli.train import parse_args
-from lt_timm.cli.validate import build_validate_parser
+import lt_timm.trainer as trainer_module
+from lt_timm import evaluation
+from lt_timm.builders import create_loaders, open_datasets
+from lt_timm.cli.train import parse_args, parse_config, resolve
+from lt_timm.cli.validate import parse_args as parse_validate_args
 from lt_timm.evaluation import run_validation
-from lt_timm.training import _create_loaders, _load_datasets, train
+from lt_timm.trainer import Trainer
+from lt_timm.training import train
 from conftest import make_image_folder
 
 # Small images and a tiny BatchNorm model; --check-images none: the images are generated just above.
@@ -71,7 +74,7 @@ def test_train_fast_norm_save_images_device_modules_wandb(data, tmp_path, monkey
     args, text = parse_args(flags)
     try:
         with caplog.at_level(logging.WARNING):
-            result = train(args, text)
+            result = train(resolve(args, text))
         assert is_fast_norm()  # timm's switch: norm layers created from now on take the fast path
         assert sys.modules[probe].IMPORTED_BY == '--device-modules'
     finally:
@@ -91,16 +94,14 @@ def test_train_fast_norm_save_images_device_modules_wandb(data, tmp_path, monkey
 
 
 def _loader_args(data, *flags):
-    args, _ = parse_args(['--data-dir', str(data), *TRAIN_FLAGS, *flags])
-    args.distributed, args.world_size, args.rank = False, 1, 0
-    args.prefetcher = not args.no_prefetcher
-    return args
+    return parse_config(['--data-dir', str(data), *TRAIN_FLAGS, *flags])
 
 
-def _train_loader(args):
-    train_ds, eval_ds, _ = _load_datasets(args, 3)
-    cfg = timm.data.resolve_data_config(vars(args), model=timm.create_model('test_resnet', num_classes=3))
-    loader, _ = _create_loaders(args, train_ds, eval_ds, cfg, None, torch.device('cpu'))
+def _train_loader(config):
+    train_ds, eval_ds, _ = open_datasets(config.data, config.ranks)
+    cfg = timm.data.resolve_data_config(dict(config.data_config_args),
+                                        model=timm.create_model('test_resnet', num_classes=3))
+    loader, _ = create_loaders(config.loader, train_ds, eval_ds, cfg, None, torch.device('cpu'))
     return loader
 
 
@@ -144,10 +145,10 @@ def _validate(data, ckpt, *flags, monkeypatch):
         return real(model, loader, *a, **k)
 
     monkeypatch.setattr(evaluation, 'validate', record)
-    args = build_validate_parser().parse_args([
+    config = parse_validate_args([
         '--data-dir', str(data), '--split', 'val', '--model', 'test_resnet', '--checkpoint', str(ckpt),
         '--model-kwargs', _OVERLAY, '--device', 'cpu', '-j', '0', '-b', '8', '--log-freq', '0', *flags])
-    return run_validation(args), seen['model'], seen['loader']
+    return run_validation(config), seen['model'], seen['loader']
 
 
 def test_validate_train_size_border_crop_dtype_compile_fast_norm(data, tmp_path, monkeypatch, restore_fast_norm):
@@ -197,24 +198,24 @@ def _bn_worker(rank, world_size, ports, data, out_dir):
     os.environ.update(MASTER_ADDR='127.0.0.1', RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     seen = {}
-    real_validate, real_epoch = training.validate, training.train_one_epoch
+    real_validate, real_epoch = trainer_module.validate, Trainer.train_epoch
 
     def record_validate(model, *a, **k):  # observe only: called after the epoch's --dist-bn, before any forward
         seen.setdefault('bn', {n: b.detach().clone() for n, b in model.named_buffers() if 'running_' in n})
         return real_validate(model, *a, **k)
 
-    def record_epoch(epoch, task, *a, **k):  # observe only: the real epoch runs; then its own BatchNorm statistics
-        metrics = real_epoch(epoch, task, *a, **k)
-        seen['ddp'] = ddp = task.get_trainable_module()
+    def record_epoch(trainer, epoch, *a, **k):  # observe only: the real epoch runs; then its own BatchNorm statistics
+        metrics = real_epoch(trainer, epoch, *a, **k)
+        seen['ddp'] = ddp = trainer.task.get_trainable_module()
         seen['own'] = {n: b.detach().clone() for n, b in ddp.named_buffers() if 'running_' in n}
         return metrics
 
-    training.validate, training.train_one_epoch = record_validate, record_epoch
+    trainer_module.validate, Trainer.train_epoch = record_validate, record_epoch
     for (name, flags), port in zip((('reduce', []), ('off', ['--dist-bn', '', '--no-ddp-bb'])), ports):
         seen.clear()
         os.environ['MASTER_PORT'] = str(port)
         args, text = parse_args(['--data-dir', data, *TRAIN_FLAGS, '--output', out_dir, '--experiment', name, *flags])
-        train(args, text)
+        train(resolve(args, text))
         ddp = seen['ddp']
         torch.save(dict(own=seen['own'], bn=seen['bn'], ddp=type(ddp).__name__,
                         broadcast_buffers=ddp.broadcast_buffers), os.path.join(out_dir, f'{name}{rank}.pt'))

@@ -16,6 +16,7 @@ from timm import utils
 from timm.optim import optimizer_kwargs
 from timm.scheduler import scheduler_kwargs
 
+from ..builders import TRAIN_DATASET_OPTIONS, available_device
 from ..config import (DataOptions, EmaOptions, LoaderOptions, LoopOptions, MixupOptions, ModelOptions, OptimOptions,
                       Precision, Ranks, RunOptions, TrainConfig, settings_from)
 from ..data import IMAGE_CHECKS
@@ -25,13 +26,10 @@ from .flags import add_losstransform_args, add_shared_options
 from .parity import COMPUTED_KEYS, add_refused_options, check_refused
 from .recipe import add_config_option, parse_with_recipe
 
-__all__ = ['build_parser', 'parse_args', 'resolve', 'parse_config', 'TRAIN_DATASET_DESTS', 'DATA_CONFIG_KEYS']
+__all__ = ['build_parser', 'parse_args', 'resolve', 'parse_config', 'resolve_dist_bn', 'DATA_CONFIG_KEYS']
 
 _logger = logging.getLogger('train')
 
-# timm's iterable/HF dataset options of train.py (lt_timm.builders.TRAIN_DATASET_OPTIONS maps them to create_dataset)
-TRAIN_DATASET_DESTS = ('train_num_samples', 'val_num_samples', 'epoch_repeats', 'input_key', 'target_key',
-                       'dataset_trust_remote_code')
 # the flags timm's resolve_data_config reads
 DATA_CONFIG_KEYS = ('in_chans', 'input_size', 'img_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 
@@ -239,9 +237,7 @@ def resolve_dist_bn(dist_bn: str, sync_bn: bool, distributed: bool) -> str:
 
 def _resolve_device(args: argparse.Namespace) -> None:
     """``--device cuda`` without CUDA falls back to the CPU (a warning); then timm's device and rank setup."""
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        _logger.warning('CUDA is not available: training on the CPU (pass --device cpu to silence this).')
-        args.device = 'cpu'
+    args.device = available_device(args.device, 'training')
     utils.init_distributed_device(args)
     if args.distributed:
         _logger.info(f'Training in distributed mode: process {args.rank}/{args.world_size}, device {args.device}.')
@@ -287,7 +283,7 @@ def _train_config(args: argparse.Namespace, args_text: str, model_dtype: Optiona
         precision=settings_from(Precision, args, model_dtype=model_dtype),
         data=settings_from(DataOptions, args, root=args.data_dir or args.data,
                            input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'),
-                           extras={dest: getattr(args, dest) for dest in TRAIN_DATASET_DESTS}),
+                           extras={row[1]: getattr(args, row[1]) for row in TRAIN_DATASET_OPTIONS}),
         model=settings_from(ModelOptions, args, in_chans=in_chans, model_kwargs=dict(args.model_kwargs or {})),
         data_config_args={k: getattr(args, k, None) for k in DATA_CONFIG_KEYS},
         loader=settings_from(LoaderOptions, args),

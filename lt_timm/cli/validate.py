@@ -1,23 +1,16 @@
 """``validate.py``'s command line: timm's validate.py flags, the view-consistency flags, the refused timm options,
 and one resolve step that turns the parsed flags into a :class:`~lt_timm.config.ValidateConfig`."""
 import argparse
-import logging
 from typing import List, Optional
 
-import torch
-
+from ..builders import VALIDATE_DATASET_OPTIONS, available_device
 from ..config import DataOptions, ModelOptions, Precision, ValidateConfig, ViewOptions, settings_from
 from .checks import resolve_model_dtype
 from .flags import add_shared_options
 from .parity import add_refused_options, check_refused
 from .train import DATA_CONFIG_KEYS
 
-__all__ = ['build_validate_parser', 'parse_args', 'resolve', 'VALIDATE_DATASET_DESTS']
-
-_logger = logging.getLogger('validate')
-
-# timm's iterable/HF dataset options of validate.py (lt_timm.builders.VALIDATE_DATASET_OPTIONS maps them)
-VALIDATE_DATASET_DESTS = ('num_samples', 'input_key', 'target_key', 'dataset_trust_remote_code')
+__all__ = ['build_validate_parser', 'parse_args', 'resolve']
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
@@ -76,9 +69,7 @@ def resolve(args: argparse.Namespace) -> ValidateConfig:
     CPU fallback of ``--device cuda``, the prefetcher."""
     check_refused(args, 'validate')
     model_dtype = resolve_model_dtype(args.model_dtype, args.amp)
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        _logger.warning('CUDA is not available: validating on the CPU (pass --device cpu to silence this).')
-        args.device = 'cpu'
+    args.device = available_device(args.device, 'validating')
     args.prefetcher = not args.no_prefetcher
     in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
     return settings_from(
@@ -86,7 +77,7 @@ def resolve(args: argparse.Namespace) -> ValidateConfig:
         precision=settings_from(Precision, args, model_dtype=model_dtype),
         data=settings_from(DataOptions, args, root=args.data_dir or args.data,
                            input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'),
-                           extras={dest: getattr(args, dest) for dest in VALIDATE_DATASET_DESTS}),
+                           extras={row[1]: getattr(args, row[1]) for row in VALIDATE_DATASET_OPTIONS}),
         model=settings_from(ModelOptions, args, in_chans=in_chans, model_kwargs=dict(args.model_kwargs or {})),
         data_config_args={k: getattr(args, k, None) for k in DATA_CONFIG_KEYS},
         views=settings_from(ViewOptions, args))
