@@ -79,6 +79,7 @@ def one_run(args, data_dir: str, m: int, seed: int):
         return None
     last = summary[-1]
     row = dict(m=m, seed=seed, epochs=args.epochs, full_epochs=FULL_EPOCHS, top1_err=round(100 - last['eval_top1'], 3),
+               top5_err=round(100 - last['eval_top5'], 3),
                rows_per_step=args.images_per_step * m, train_s=round(sum(s['train_epoch_s'] for s in summary), 1),
                train_rows_per_s=round(last.get('train_img_s', float('nan')), 1),
                curve=[round(100 - s['eval_top1'], 3) for s in summary], command='python ' + shell_join(cmd[1:]))
