@@ -281,3 +281,13 @@ def test_train_cli_fine_tunes_from_a_keras_file(tmp_path, in_process):
     bad.write_bytes(b'not hdf5')
     p = in_process('train.py', *flags, '--pretrained', '--pretrained-path', bad, '--experiment', 'bad', check=False)
     assert p.returncode == 2 and 'not an HDF5 file' in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize('name, keras_total', [('tf_mobilenetv2_100', 3538984), ('nasnetamobile', 5326716)])
+def test_sizes_are_keras_applications(name, keras_total):
+    """Keras's model summaries count 3,538,984 (MobileNetV2) and 5,326,716 (NASNetMobile) parameters, BatchNorm
+    moving statistics included; the timm models hold exactly as many numbers."""
+    model = timm.create_model(name)
+    params = sum(p.numel() for p in model.parameters())
+    stats = sum(b.numel() for k, b in model.named_buffers() if k.endswith(('running_mean', 'running_var')))
+    assert params + stats == keras_total

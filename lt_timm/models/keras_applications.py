@@ -14,6 +14,8 @@ HDF5 files written by Keras's ``save_weights``:
   ``Dense`` ``kernel`` is ``(in, out)``; ``BatchNormalization`` stores ``gamma``, ``beta``, ``moving_mean``,
   ``moving_variance``.
 
+Keras 3's own ``.weights.h5`` layout (``layers/<name>/vars/<i>``) is another format and is refused by name.
+
 A *plan* says which Keras layer fills which timm module: ``(module path, Keras layer name, kind)`` with kind one of
 ``conv``, ``depthwise``, ``separable``, ``bn``, ``dense``. :func:`load_keras_weights` reads a file (h5py, data
 only: nothing in the file is executed), converts every tensor of the plan and loads them, refusing a file that
