@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import dataloader as torch_dataloader
 
 import lt_timm
-from lt_timm import launch
+from lt_timm import launch, launch_state
 from lt_timm.layout import num_blocks, replica_groups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def _restore_sys(monkeypatch):
     torch.set_num_threads(1)  # tiny models: more threads only contend (20x slower on a loaded 2-core machine)
     yield
     torch.set_num_threads(threads)
-    launch._deactivate()  # a test that patched without running leaves its hooks installed
+    launch_state.deactivate()  # a test that patched without running leaves its hooks installed
 
 
 def variant(tmp_path, script, subs, name='edited_train.py'):
@@ -227,7 +227,7 @@ def test_missing_hook_is_a_clear_error(case, drop, replace, extra, match, tmp_pa
     assert match in str(e.value)
     assert f'timm {timm.__version__}' in str(e.value)
     assert getattr(module, '_lt_timm_state', None) is None  # nothing patched
-    assert launch._ACTIVE is None
+    assert launch_state.active() is None
     assert not marker.exists()
 
 
@@ -255,7 +255,7 @@ def test_patch_installs_hooks_and_close_restores_them(tmp_path):
     assert '__setattr__' not in vars(timm.task.task.TrainingTask)
     assert (len(torch_optimizer._global_optimizer_pre_hooks), len(torch_optimizer._global_optimizer_post_hooks)) \
         == n_hooks
-    assert launch._ACTIVE is None
+    assert launch_state.active() is None
 
 
 # --------------------------------------------------------------------------------------------- upstream edits
@@ -332,7 +332,7 @@ def test_unhooked_paths_refuse_before_the_first_step(edit, data_root, tmp_path, 
     assert match in str(e.value)
     assert 'before the first optimizer step, so nothing was trained' in str(e.value)
     assert not out.exists()  # no checkpoint, no evidence
-    assert launch._ACTIVE is None
+    assert launch_state.active() is None
 
 
 def test_refused_step_exits_nonzero_from_the_cli(data_root, tmp_path):
