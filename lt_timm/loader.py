@@ -82,20 +82,9 @@ def create_loader(
         _add_cifar_augmentation(dataset, is_training, input_size, pad, cutout, kwargs)
         return loader
 
-    if float(num_aug_repeats) != int(num_aug_repeats) or int(num_aug_repeats) < 1:
-        raise ValueError(f'--aug-repeats must be a whole number >= 1 for grouped repeats, got {num_aug_repeats}.')
-    num_aug_repeats = int(num_aug_repeats)
-    if kwargs.get('num_aug_splits'):
-        raise ValueError('--aug-splits (AugMix/JSD splits) cannot be combined with --aug-repeats; use one of them.')
-    if kwargs.get('input_size_choices') is not None:
-        raise ValueError('scheduled input sizes (--train-img-sizes) are not supported with --aug-repeats.')
-    if kwargs.get('use_multi_epochs_loader'):
-        raise ValueError('--use-multi-epochs-loader is not supported with --aug-repeats (it caches the batch order).')
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        raise ValueError('--aug-repeats needs a map-style dataset (folder/torch datasets), not an iterable one.')
+    num_aug_repeats = _check_grouped(dataset, num_aug_repeats, kwargs)
     if not distributed:
         world_size, rank = 1, 0
-
     batch_size = rows_per_step(batch_size, num_aug_repeats, aug_repeat_mode)
     batch_sampler = RepeatedAugBatchSampler(
         len(dataset), batch_size, num_aug_repeats, num_replicas=world_size, rank=rank,
@@ -104,6 +93,27 @@ def create_loader(
     loader = timm.data.create_loader(
         dataset, input_size, batch_size, is_training=True, num_aug_repeats=0, distributed=False, **kwargs)
     _add_cifar_augmentation(dataset, is_training, input_size, pad, cutout, kwargs)
+    return _with_grouped_batches(loader, batch_sampler, num_aug_repeats, decode_once)
+
+
+def _check_grouped(dataset, num_aug_repeats, kwargs) -> int:
+    """What grouped repeats cannot be combined with (one ValueError each); returns ``m`` as an int."""
+    if float(num_aug_repeats) != int(num_aug_repeats) or int(num_aug_repeats) < 1:
+        raise ValueError(f'--aug-repeats must be a whole number >= 1 for grouped repeats, got {num_aug_repeats}.')
+    if kwargs.get('num_aug_splits'):
+        raise ValueError('--aug-splits (AugMix/JSD splits) cannot be combined with --aug-repeats; use one of them.')
+    if kwargs.get('input_size_choices') is not None:
+        raise ValueError('scheduled input sizes (--train-img-sizes) are not supported with --aug-repeats.')
+    if kwargs.get('use_multi_epochs_loader'):
+        raise ValueError('--use-multi-epochs-loader is not supported with --aug-repeats (it caches the batch order).')
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        raise ValueError('--aug-repeats needs a map-style dataset (folder/torch datasets), not an iterable one.')
+    return int(num_aug_repeats)
+
+
+def _with_grouped_batches(loader, batch_sampler: RepeatedAugBatchSampler, num_aug_repeats: int, decode_once: bool):
+    """timm's ``loader`` (or the one inside its PrefetchLoader) rebuilt on the grouped ``batch_sampler``, each image
+    decoded once per replica group when ``decode_once`` and the dataset allows it."""
     inner = loader.loader if isinstance(loader, timm.data.loader.PrefetchLoader) else loader
     grouped_dataset = inner.dataset
     if decode_once:
