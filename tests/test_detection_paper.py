@@ -564,3 +564,153 @@ def test_coco_mobilenet_v3_detector_is_torchvisions(monkeypatch):
         {n for n, p in theirs.named_parameters() if p.requires_grad}
     ours.load_state_dict(theirs.state_dict())
     assert all(torch.equal(v, state[k]) for k, v in ours.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------- recipes, CLI
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'detection')
+TABLE4 = {  # recipe key -> --backbone (the paper's list, section 4.1.6)
+    'convnext_tiny': 'tv_convnext_tiny', 'densenet121': 'tv_densenet121', 'efficientnet_b4': 'tv_efficientnet_b4',
+    'googlenet': 'tv_googlenet', 'inception_v3': 'tv_inception_v3', 'mnasnet1_0': 'tv_mnasnet1_0',
+    'resnet50': 'tv_resnet50', 'shufflenet_v2': 'tv_shufflenet_v2_x1_0', 'wide_resnet50': 'tv_wide_resnet50_2'}
+
+
+def _parse(path, *extra):
+    from lt_timm.cli.detection import parse_args
+    return parse_args(['-c', path, '--data-dir', '/nonexistent', *extra])
+
+
+def _twins(path):
+    import yaml
+    other = path.replace('_lt.yaml', '_multi.yaml') if path.endswith('_lt.yaml') else path.replace('_multi', '_lt')
+    with open(path) as f, open(other) as g:
+        a, b = yaml.safe_load(f), yaml.safe_load(g)
+    return {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def test_every_detection_recipe_parses_and_passes_the_checks():
+    import glob
+    from lt_timm.cli.checks import check_augment_args, check_match_args
+    from lt_timm.detection.finetune import COCO_FIXED_FLAGS, check_coco_detector_args, uses_coco_detector
+    files = sorted(glob.glob(os.path.join(RECIPES, '*.yaml')))
+    assert len(files) >= 39
+    for f in files:
+        a = _parse(f)
+        check_match_args(a.model, a.lt_match, a.lt_match_iou, a.lt_area_ratio)
+        check_augment_args(a)
+        if uses_coco_detector(a.detector_weights, a.detector_checkpoint):
+            check_coco_detector_args(a.model, a.backbone, a.pretrained, a.detector_checkpoint,
+                                     {k: getattr(a, k) for k in COCO_FIXED_FLAGS})
+        if f.endswith(('_lt.yaml', '_multi.yaml')):
+            assert _twins(f) == {'loss', 'experiment'}, f
+        with open(f) as fh:
+            assert 'unknown' not in fh.read().lower(), f  # the headers no longer say the values are unknown
+
+
+@pytest.mark.parametrize('key', sorted(TABLE4))
+def test_table4_recipes_are_the_papers(key):
+    for loss, name in (('lt', 'losstransform'), ('multi', 'multi')):
+        a = _parse(os.path.join(RECIPES, f'pennfudan_maskrcnn_{key}_{loss}.yaml'))
+        lr, fpn = TABLE4_BACKBONES[TABLE4[key]]
+        assert a.backbone == TABLE4[key] and a.lr == lr and not a.pretrained and a.detector_weights == 'none'
+        assert tuple(a.anchor_sizes) == fpn.anchor_sizes and tuple(a.fpn_strides) == fpn.strides
+        assert a.fpn_extra == fpn.extra and a.model == 'maskrcnn' and a.dataset == 'pennfudan' and a.loss == name
+        assert a.batch_size == 4 and a.lt_epoch == 'original' and a.epochs == 18 and a.lr_steps == [12, 16]
+        assert a.lr_gamma == 0.1 and a.hflip == 0.5 and a.crop_scale and a.copy_paste > 0
+        assert a.scale == [1.0, 1.0] and a.translate == 0.0 and a.lt_match == 'resort'
+
+
+def test_mask_rcnn_star_and_voc_recipes():
+    for stem in ('pennfudan_maskrcnn_star', 'voc_maskrcnn_frozen'):
+        a = _parse(os.path.join(RECIPES, f'{stem}_lt.yaml'))
+        assert a.detector_weights == 'coco' and a.backbone == 'tv_resnet50' and a.reset_predictors
+        assert a.freeze == ['backbone', 'rpn'] and a.lr == 0.005 and a.lt_match == 'area-greedy'
+        assert a.lt_epoch == 'original' and a.batch_size == 4
+    assert _parse(os.path.join(RECIPES, 'pennfudan_maskrcnn_star_lt.yaml')).dataset == 'pennfudan'
+    voc = _parse(os.path.join(RECIPES, 'voc_maskrcnn_frozen_lt.yaml'))
+    assert voc.dataset == 'voc' and voc.voc_instances == 'components' and (voc.train_split, voc.val_split) == (
+        'train', 'val')
+    assert not os.path.exists(os.path.join(RECIPES, 'table6_maskrcnn_frozen_lt.yaml'))  # moved to Table 4
+
+
+def _write_pennfudan(root, n=4, size=72):
+    from PIL import Image
+    os.makedirs(os.path.join(root, 'PNGImages'))
+    os.makedirs(os.path.join(root, 'PedMasks'))
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        for j, x in enumerate((4 + 2 * i, 40)):
+            mask[10:64, x:x + 20] = j + 1
+            img[10:64, x:x + 20] += 120
+        Image.fromarray(img).save(os.path.join(root, 'PNGImages', f'P{i:03d}.png'))
+        Image.fromarray(mask).save(os.path.join(root, 'PedMasks', f'P{i:03d}_mask.png'))
+    return root
+
+
+SMALL = ['--img-size', '72', '--box-head-dim', '32', '--mask-head-channels', '8', '--fpn-channels', '16',
+         '--rpn-pre-nms', '30', '--rpn-post-nms', '30', '--box-batch-per-image', '16', '--threads', '1',
+         '--no-plot', '--workers', '0']
+
+
+def test_table4_recipe_trains_through_the_cli(tmp_path, caplog):
+    """The ShuffleNetV2 recipe as written (original batching, crop, copy-paste, Resort, two-level FPN), shortened:
+    -b 2 images x 2 replicas per step, so 3 training images give one step per epoch (the last image is dropped)."""
+    import csv
+    import torch as _torch
+    from lt_timm.cli.detection import main
+    data = _write_pennfudan(str(tmp_path / 'pf'))
+    argv = ['-c', os.path.join(RECIPES, 'pennfudan_maskrcnn_shufflenet_v2_lt.yaml'), '--data-dir', data,
+            '--val-size', '1', '-b', '2', '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', 'r',
+            *SMALL]
+    with caplog.at_level('INFO'):
+        assert main(argv) == 0
+    assert 'mode original, 1 batches/epoch of 4 rows' in caplog.text  # -b counts images there, m rows each
+    rows = list(csv.DictReader(open(tmp_path / 'out' / 'r' / 'summary.csv')))
+    assert len(rows) == 1 and float(rows[0]['train_loss']) == float(rows[0]['train_loss'])
+    ck = _torch.load(tmp_path / 'out' / 'r' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert ck['args'].anchor_sizes == [(32, 64, 128, 256, 512)] * 2 and ck['args'].fpn_extra == 'none'
+
+
+def test_voc_and_eval_only_through_the_cli(tmp_path):
+    import json
+    from lt_timm.cli.detection import main
+    root = _write_voc(str(tmp_path / 'VOC2012'))
+    base = ['--dataset', 'voc', '--data-dir', root, '--train-split', 'train', '--val-split', 'train',
+            '--model', 'maskrcnn', '--backbone', 'mobilenetv3_small_050', '-b', '2', '--epochs', '1',
+            '--lt-match', 'resort', '--output', str(tmp_path / 'out'), *SMALL]
+    assert main(base + ['--experiment', 'voc']) == 0
+    assert os.path.exists(tmp_path / 'out' / 'voc' / 'last.pth.tar')
+    assert main(base + ['--experiment', 'ev', '--eval-only']) == 0
+    ev = json.load(open(tmp_path / 'out' / 'ev' / 'eval.json'))
+    assert ev['num_val'] == 2 and 'box_AP50' in ev and 'mask_AP' in ev
+    assert not os.path.exists(tmp_path / 'out' / 'ev' / 'last.pth.tar')
+
+
+@pytest.mark.parametrize('extra,expected', [
+    (['--crop-scale', '0.5', '1'], 'add --scale 1 1 --translate 0'),
+    (['--crop-scale', '0', '1', '--scale', '1', '1', '--translate', '0'], '0 < MIN <= MAX <= 1'),
+    (['--copy-paste', '1.5'], 'is a probability'),
+    (['--dataset', 'coco', '--model', 'fasterrcnn', '--copy-paste', '0.5'], 'pastes instance masks'),
+    (['--lt-area-ratio', '0'], 'not an area ratio'),
+    (['--detector-weights', 'coco', '--backbone', 'tv_mobilenet_v3_large', '--model', 'maskrcnn'],
+     'no torchvision COCO detector for --model maskrcnn --backbone tv_mobilenet_v3_large'),
+])
+def test_detection_flag_errors(tmp_path, capsys, extra, expected):
+    from lt_timm.cli.detection import main
+    with pytest.raises(SystemExit) as e:
+        main(['--data-dir', str(tmp_path), '--output', str(tmp_path / 'out'), *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err and err.startswith('error: ') and len(err.splitlines()) == 1
+    assert not (tmp_path / 'out').exists()
+
+
+def test_anchor_sizes_flag_and_yaml(tmp_path, capsys):
+    from lt_timm.cli.detection import parse_args
+    a = parse_args(['--data-dir', 'x', '--anchor-sizes', '32,64', '128'])
+    assert a.anchor_sizes == [(32, 64), 128]
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('anchor_sizes: [[32, "a"]]\n')
+    with pytest.raises(SystemExit):
+        parse_args(['-c', str(bad), '--data-dir', 'x'])
+    assert 'anchor_sizes entries are sizes' in capsys.readouterr().err

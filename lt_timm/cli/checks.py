@@ -15,7 +15,7 @@ from ..layout import EPOCH_MODES
 from .flags import LAUNCH_LOSSES
 
 __all__ = ['check_args', 'check_loop_args', 'resolve_model_dtype', 'check_launch_args', 'check_detection_args',
-           'check_match_args']
+           'check_match_args', 'check_augment_args', 'anchor_size_entries']
 
 
 def check_args(args: Any) -> None:
@@ -105,14 +105,58 @@ def check_detection_args(args: Any, error: Callable[[str], None]) -> None:
         error('no dataset given: pass --data-dir DIR')
     if args.aug_repeats < 1:
         error('--aug-repeats must be >= 1')
-    if args.batch_size < args.aug_repeats:
+    if args.batch_size < 1:
+        error(f'-b/--batch-size must be >= 1, got {args.batch_size}')
+    if args.lt_epoch != 'original' and args.batch_size < args.aug_repeats:  # original: -b images, m rows each
         error(f'-b/--batch-size ({args.batch_size}) must be >= --aug-repeats ({args.aug_repeats})')
 
 
-def check_match_args(model: str, match: str, match_iou: float) -> None:
-    """``--lt-match`` / ``--lt-match-iou`` against ``--model``: problems are one-line UserErrors naming the fix."""
+def check_match_args(model: str, match: str, match_iou: float, area_ratio: float = 0.8) -> None:
+    """``--lt-match`` / ``--lt-match-iou`` / ``--lt-area-ratio`` against ``--model``: one-line UserErrors naming the
+    fix."""
     if model == 'retinanet' and match == 'gt':
         raise UserError('--model retinanet has no RoI heads to evaluate the ground-truth instances of --lt-match gt '
                         '(the default); pass --lt-match predicted (instances matched from the model\'s detections).')
     if not 0.0 < match_iou <= 1.0:
         raise UserError(f'--lt-match-iou {match_iou} is not an IoU threshold; pass a value in (0, 1], e.g. 0.5.')
+    if not 0.0 < area_ratio <= 1.0:
+        raise UserError(f'--lt-area-ratio {area_ratio} is not an area ratio (min / max of two replicas\' areas); '
+                        f'pass a value in (0, 1], e.g. 0.8.')
+
+
+def check_augment_args(args: Any) -> None:
+    """``train_detection.py``'s augmentation flags together: a crop replaces scale + translation; copy-paste needs a
+    probability and a scale range, and instance masks (Mask R-CNN on COCO; not VOC's box annotations)."""
+    if args.crop_scale is not None:
+        lo, hi = args.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise UserError(f'--crop-scale {lo} {hi}: the window\'s sides are fractions of the image\'s; pass '
+                            f'0 < MIN <= MAX <= 1, e.g. --crop-scale 0.5 1.')
+        if list(args.scale) != [1.0, 1.0] or args.translate:
+            raise UserError('--crop-scale is a random crop instead of scale + translation; add --scale 1 1 '
+                            '--translate 0 (or drop --crop-scale).')
+    if not 0.0 <= args.copy_paste <= 1.0:
+        raise UserError(f'--copy-paste {args.copy_paste} is a probability; pass a value in [0, 1] (0 = off).')
+    lo, hi = args.copy_paste_scale
+    if not 0.0 < lo <= hi:
+        raise UserError(f'--copy-paste-scale {lo} {hi}: pass 0 < MIN <= MAX, e.g. 0.5 1.5.')
+    no_masks = (args.dataset == 'coco' and args.model != 'maskrcnn') or \
+        (args.dataset == 'voc' and args.voc_instances == 'annotations')
+    if args.copy_paste > 0 and no_masks:
+        raise UserError('--copy-paste pastes instance masks, which this dataset is not loaded with (COCO loads them '
+                        'for --model maskrcnn; VOC --voc-instances annotations has none); drop --copy-paste.')
+
+
+def anchor_size_entries(values: Any, error: Callable[[str], None]) -> Optional[list]:
+    """``--anchor-sizes`` (or its YAML list) as one entry per FPN level: an int (one size) or a tuple of ints."""
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)) or not values:
+        error(f'anchor_sizes must be a list with one entry per FPN level, got {values!r}')
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, list, tuple)) or \
+                (isinstance(v, (list, tuple)) and not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            error(f'anchor_sizes entries are sizes or lists of sizes (integers), got {v!r}')
+        out.append(v if isinstance(v, int) else tuple(v))
+    return out

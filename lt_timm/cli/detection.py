@@ -13,7 +13,7 @@ import torch
 
 from ..config import DetectionSettings, Ranks
 from ..errors import UserError, exit_on_user_error
-from .checks import check_detection_args, check_match_args
+from .checks import anchor_size_entries, check_augment_args, check_detection_args, check_match_args
 from .recipe import add_config_option, parse_with_recipe
 
 __all__ = ['build_parser', 'parse_args', 'resolve', 'main', 'LOSSES', 'MODELS', 'MATCH_MODES', 'DATASETS',
@@ -23,9 +23,12 @@ _logger = logging.getLogger('train_detection')
 
 LOSSES = ('multi', 'losstransform')
 MODELS = ('maskrcnn', 'fasterrcnn', 'retinanet')
-MATCH_MODES = ('gt', 'predicted')  # lt_timm.detection.consistency.MATCH_MODES (not imported: keeps --help light)
-DATASETS = ('pennfudan', 'coco')
-DET_EPOCH_MODES = ('v1', 'full')
+# lt_timm.detection.consistency.MATCH_MODES (not imported: keeps --help light)
+MATCH_MODES = ('gt', 'predicted', 'resort', 'area-greedy')
+DATASETS = ('pennfudan', 'coco', 'voc')
+DET_EPOCH_MODES = ('v1', 'full', 'original')
+VOC_INSTANCES = ('components', 'objects', 'annotations')  # lt_timm.detection.voc.INSTANCE_SOURCES
+FPN_EXTRA = ('pool', 'none')  # R-CNN FPN extra level (lt_timm.detection.backbone.EXTRA_LEVELS; RetinaNet: P6/P7)
 DETECTOR_WEIGHTS = ('none', 'coco')  # 'coco': torchvision's COCO_V1 detector (lt_timm.detection.backbone)
 
 
@@ -40,8 +43,15 @@ def build_parser():
     g.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional is *deprecated*, use --data-dir)')
     g.add_argument('--data-dir', metavar='DIR', help='path to dataset root')
     g.add_argument('--dataset', default='pennfudan', choices=DATASETS, help='dataset type')
-    g.add_argument('--train-split', default='train2017', help='COCO: image folder / annotation suffix for training')
-    g.add_argument('--val-split', default='val2017', help='COCO: image folder / annotation suffix for validation')
+    g.add_argument('--train-split', default='train2017',
+                   help='COCO: image folder / annotation suffix for training; VOC: the ImageSets list (train)')
+    g.add_argument('--val-split', default='val2017',
+                   help='COCO: image folder / annotation suffix for validation; VOC: the ImageSets list (val)')
+    g.add_argument('--voc-instances', default='components', choices=VOC_INSTANCES,
+                   help='VOC: components = connected components of each class in SegmentationClass (the paper\'s '
+                        'instance split); objects = SegmentationObject; annotations = boxes from Annotations/*.xml')
+    g.add_argument('--voc-connectivity', type=int, default=8, choices=(4, 8), help='VOC components: 4 or 8')
+    g.add_argument('--voc-min-area', type=int, default=1, help='VOC components: drop components under N pixels')
     g.add_argument('--val-size', type=int, default=50, help='PennFudanPed: images held out for validation')
     g.add_argument('--train-size', type=int, default=None, help='use only the first N training images')
     g.add_argument('--max-val', type=int, default=None, help='use only the first N validation images')
@@ -49,13 +59,14 @@ def build_parser():
     g.add_argument('--img-size', type=int, default=None, help='resize so the longer side is this (reduced resolution)')
     g = p.add_argument_group('Model parameters')
     g.add_argument('--model', default='maskrcnn', choices=MODELS,
-                   help='retinanet: one-stage, needs --lt-match predicted (no RoI heads for GT instances)')
+                   help='retinanet: one-stage, needs a detection-based --lt-match (no RoI heads for GT instances)')
     g.add_argument('--backbone', default='resnet50', help='timm model name, or tv_<torchvision name>')
     g.add_argument('--pretrained', action='store_true', default=False, help='load pretrained backbone weights')
     g.add_argument('--detector-weights', default='none', choices=DETECTOR_WEIGHTS,
                    help='coco: torchvision\'s COCO detector for --model (fasterrcnn/maskrcnn/retinanet_resnet50_fpn, '
                         'COCO_V1 weights via torchvision\'s weights API, downloaded once into the torch hub cache; '
-                        'needs --backbone tv_resnet50); trains on COCO category ids (the paper\'s Table 6)')
+                        'needs --backbone tv_resnet50; Faster R-CNN also tv_mobilenet_v3_large: '
+                        'fasterrcnn_mobilenet_v3_large_fpn); trains on COCO category ids (the paper\'s Table 6)')
     g.add_argument('--detector-checkpoint', default='', metavar='FILE',
                    help='the COCO detector\'s weights from FILE instead of the download: a torchvision-format state '
                         'dict (the COCO_V1 .pth file, or a dict holding it as model/state_dict); implies '
@@ -64,8 +75,8 @@ def build_parser():
                    help='with the COCO detector: fresh class predictors for this dataset\'s classes (torchvision\'s '
                         'fine-tuning tutorial; box/mask predictor, RetinaNet cls_logits) instead of COCO category ids')
     g.add_argument('--freeze', nargs='*', default=[], metavar='NAME',
-                   help='freeze these submodules of the detector (dotted names, e.g. backbone.fpn rpn = the '
-                        'paper\'s Mask R-CNN*): no gradient, not in the optimizer, BatchNorm statistics kept')
+                   help='freeze these submodules of the detector (dotted names, e.g. backbone rpn = the paper\'s '
+                        'Mask R-CNN*): no gradient, not in the optimizer, BatchNorm statistics kept')
     g.add_argument('--fpn-channels', type=int, default=256, help='FPN width (timm backbones)')
     g.add_argument('--mask-head-channels', type=int, default=256, help='mask head conv width (torchvision: 256)')
     g.add_argument('--box-head-dim', type=int, default=1024, help='box head MLP width (torchvision: 1024)')
@@ -73,7 +84,13 @@ def build_parser():
     g.add_argument('--rpn-pre-nms', type=int, default=2000, help='RPN proposals kept before NMS (training)')
     g.add_argument('--rpn-post-nms', type=int, default=2000, help='RPN proposals kept after NMS (training)')
     g.add_argument('--box-batch-per-image', type=int, default=512, help='sampled RoIs per image for the box loss')
-    g.add_argument('--anchor-sizes', type=int, nargs='+', default=None, help='one anchor size per FPN level')
+    g.add_argument('--anchor-sizes', type=_anchor_level, nargs='+', default=None, metavar='SIZES',
+                   help='one entry per FPN level, finest first: a size or comma-separated sizes (the paper\'s '
+                        'two-level FPN: 32,64,128,256,512 32,64,128,256,512); YAML: a list of ints or of lists')
+    g.add_argument('--fpn-strides', type=int, nargs='+', default=None, metavar='S',
+                   help='backbone strides that feed the FPN (default 4 8 16 32; the paper\'s two-level FPN: 16 32)')
+    g.add_argument('--fpn-extra', default='pool', choices=FPN_EXTRA,
+                   help='R-CNN FPN extra level: pool (max-pooled level) or none (the paper\'s two-level FPN)')
     g = p.add_argument_group('Loss parameters')
     g.add_argument('--loss', default='losstransform', choices=LOSSES,
                    help='multi: torchvision multi-task loss; losstransform: T(l_multi)')
@@ -85,21 +102,37 @@ def build_parser():
     g.add_argument('--lt-detach', action='store_true', default=False, help='stop gradient through the consensus')
     g.add_argument('--lt-match', default='gt', choices=MATCH_MODES,
                    help='which instances the consistency compares across replicas: gt = annotated instances '
-                        '(R-CNN only); predicted = the model\'s own detections, matched across replicas by greedy '
-                        'IoU matching in the source frame (the paper\'s instance matching; also RetinaNet)')
+                        '(R-CNN only); predicted = the model\'s own detections, matched across the replicas of an '
+                        'image by greedy IoU matching in the source frame; resort = section 3.2 from scratch: each '
+                        'annotation takes its replica\'s nearest detection; area-greedy = section 3.2 otherwise: '
+                        'replicas paired by their detections\' area ratio, then greedy matching')
     g.add_argument('--lt-match-iou', type=float, default=0.5,
-                   help='--lt-match predicted: IoU with a cluster\'s first box needed to join it')
+                   help='predicted / area-greedy: IoU with a cluster\'s first box needed to join it; resort: IoU of '
+                        'the nearest detection with its annotation needed to keep it')
+    g.add_argument('--lt-area-ratio', type=float, default=0.8,
+                   help='--lt-match area-greedy: area ratio two replicas need to be matched (the paper\'s '
+                        '"predefined confidence threshold", value not given)')
     g.add_argument('--lt-epoch', default='v1', choices=DET_EPOCH_MODES,
                    help='v1: an epoch holds as many rows as the training set has images (N/m images, m replicas '
-                        'each: the cost of a plain epoch); full: every image m times per epoch (m x the cost)')
+                        'each: the cost of a plain epoch); full: every image m times per epoch (m x the cost); '
+                        'original: the paper\'s first LossTransform, -b images x m replicas per step')
     g = p.add_argument_group('Augmentation parameters')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--scale', type=float, nargs=2, default=[0.8, 1.2], metavar=('MIN', 'MAX'), help='scale range')
     g.add_argument('--translate', type=float, default=0.1, help='max translation as a fraction of the size')
     g.add_argument('--min-visible', type=float, default=0.3, help='drop training instances less visible than this')
+    g.add_argument('--crop-scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
+                   help='random crop (with --scale 1 1 --translate 0): each side of the window a fraction in '
+                        '[MIN, MAX] of the image\'s, the replica is the crop')
+    g.add_argument('--copy-paste', type=float, default=0.0, metavar='P',
+                   help='simple copy-paste (Ghiasi et al. 2021): probability that a replica gets instances of '
+                        'another training image pasted (0 = off; needs instance masks)')
+    g.add_argument('--copy-paste-scale', type=float, nargs=2, default=[0.5, 1.5], metavar=('MIN', 'MAX'),
+                   help='copy-paste: the donor\'s scale jitter (relative to the image\'s longer side)')
     g = p.add_argument_group('Optimizer / schedule')
     g.add_argument('-b', '--batch-size', type=int, default=4,
-                   help='rows per batch (replicas, as in timm); holds batch_size // aug_repeats source images')
+                   help='rows per batch (replicas, as in timm); holds batch_size // aug_repeats source images '
+                        '(--lt-epoch original: images per batch, each m rows)')
     g.add_argument('--epochs', type=int, default=18)
     g.add_argument('--lr', type=float, default=0.02)
     g.add_argument('--momentum', type=float, default=0.9)
@@ -120,7 +153,16 @@ def build_parser():
     g.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--no-plot', action='store_true', default=False)
+    g.add_argument('--eval-only', action='store_true', default=False,
+                   help='evaluate the detector as built/loaded (e.g. torchvision\'s COCO weights: the paper\'s Table 6 '
+                        'baseline) on the validation set, write eval.json in the run folder, no training')
     return config_parser, p
+
+
+def _anchor_level(text: str):
+    """``--anchor-sizes`` entry: ``32`` (one size) or ``32,64,128`` (several on one level)."""
+    sizes = tuple(int(v) for v in str(text).split(','))
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -132,6 +174,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.data_dir = args.data_dir or args.data
     check_detection_args(args, parser.error)
     args.freeze = list(args.freeze or [])  # a YAML 'freeze:' left empty is None
+    args.anchor_sizes = anchor_size_entries(args.anchor_sizes, parser.error)  # YAML: ints or lists
     return args
 
 
@@ -140,7 +183,8 @@ def resolve(args: argparse.Namespace) -> DetectionSettings:
     ``torchrun`` (``--device cuda`` becomes this rank's ``cuda:LOCAL_RANK``)."""
     from ..detection.finetune import (COCO_FIXED_FLAGS, check_coco_detector_args, dataset_label_space,
                                       uses_coco_detector)
-    check_match_args(args.model, args.lt_match, args.lt_match_iou)
+    check_match_args(args.model, args.lt_match, args.lt_match_iou, args.lt_area_ratio)
+    check_augment_args(args)
     coco_detector = uses_coco_detector(args.detector_weights, args.detector_checkpoint)
     if coco_detector:
         check_coco_detector_args(args.model, args.backbone, args.pretrained, args.detector_checkpoint,
@@ -176,10 +220,10 @@ def _init_distributed(args: argparse.Namespace) -> Ranks:
 @exit_on_user_error
 def _main(argv: Optional[List[str]]) -> int:
     from timm import utils
-    from ..detection.train import train
+    from ..detection.train import evaluate_only, train
     utils.setup_default_logging()
     args = parse_args(argv)
-    train(args, resolve(args))
+    (evaluate_only if args.eval_only else train)(args, resolve(args))
     return 0
 
 

@@ -98,8 +98,7 @@ from .transforms import ReplicaParams, identity_params
 __all__ = ['InstanceLossTransform', 'sanitize_targets', 'is_retinanet', 'rcnn_detections', 'retinanet_detections',
            'source_boxes', 'canvas_cut', 'clip_to_input', 'replica_geometry', 'pasted_overlap', 'MATCH_MODES']
 
-MATCH_MODES = ('gt', 'predicted')
-_SECTION_3_2_MODES = ('resort', 'area-greedy')  # TODO(issue 23): into MATCH_MODES once the CLI offers them
+MATCH_MODES = ('gt', 'predicted', 'resort', 'area-greedy')
 
 
 def sanitize_targets(targets: List[Dict[str, torch.Tensor]], min_size: float = 1e-3) -> List[Dict[str, torch.Tensor]]:
@@ -279,8 +278,8 @@ class InstanceLossTransform(nn.Module):
             raise ValueError(f'num_repeats must be an integer >= 1 (--aug-repeats), got {num_repeats!r}.')
         if not rho >= 0:
             raise ValueError(f'rho must be >= 0 (--lt-rho), got {rho!r}.')
-        if match not in MATCH_MODES + _SECTION_3_2_MODES:
-            raise ValueError(f'match must be one of {MATCH_MODES + _SECTION_3_2_MODES} (--lt-match), got {match!r}.')
+        if match not in MATCH_MODES:
+            raise ValueError(f'match must be one of {MATCH_MODES} (--lt-match), got {match!r}.')
         if not 0.0 < match_iou <= 1.0:
             raise ValueError(f'match_iou must be in (0, 1] (--lt-match-iou), got {match_iou!r}.')
         if not 0.0 < area_ratio <= 1.0:

@@ -23,7 +23,8 @@ __all__ = ['COCO_FIXED_FLAGS', 'uses_coco_detector', 'check_coco_detector_args',
            'freeze_submodules', 'hold_frozen_norms']
 
 # architecture flags the COCO detectors fix (their defaults build torchvision's heads)
-COCO_FIXED_FLAGS = {'anchor_sizes': None, 'fpn_channels': 256, 'mask_head_channels': 256, 'box_head_dim': 1024}
+COCO_FIXED_FLAGS = {'anchor_sizes': None, 'fpn_channels': 256, 'mask_head_channels': 256, 'box_head_dim': 1024,
+                    'fpn_strides': None, 'fpn_extra': 'pool'}
 
 
 def uses_coco_detector(detector_weights: str, detector_checkpoint: str) -> bool:
@@ -35,12 +36,11 @@ def check_coco_detector_args(model: str, backbone: str, pretrained: bool, checkp
                              arch_flags: Optional[Dict] = None) -> None:
     """The flags that torchvision's COCO detectors fix (the paper's Table 6 fine-tunes them as they are): one-line
     UserErrors naming the fix. ``arch_flags``: the values of :data:`COCO_FIXED_FLAGS`' flags."""
-    from .backbone import COCO_BACKBONE, COCO_DETECTORS
-    if model not in COCO_DETECTORS:
-        raise UserError(f'--model {model} has no torchvision COCO detector; use one of {tuple(COCO_DETECTORS)}.')
-    if backbone != COCO_BACKBONE:
-        raise UserError(f'torchvision\'s COCO detector {COCO_DETECTORS[model]} is built on ResNet-50 + FPN; pass '
-                        f'--backbone {COCO_BACKBONE} (got --backbone {backbone}).')
+    from .backbone import coco_detector_name
+    try:
+        coco_detector_name(model, backbone)
+    except ValueError as e:  # names the (--model, --backbone) pairs torchvision has COCO weights for
+        raise UserError(str(e)) from None
     if pretrained:
         raise UserError('--pretrained loads ImageNet backbone weights, which the COCO detector\'s weights replace; '
                         'drop --pretrained.')
@@ -50,17 +50,17 @@ def check_coco_detector_args(model: str, backbone: str, pretrained: bool, checkp
         raise UserError(f'{flags} would change the COCO detector\'s architecture (its weights fit torchvision\'s '
                         f'anchors and heads); drop {"them" if len(changed) > 1 else "it"}.')
     if checkpoint and not os.path.isfile(checkpoint):
-        raise _checkpoint_not_found(checkpoint, model)
+        raise _checkpoint_not_found(checkpoint, model, backbone)
 
 
-def _coco_url(model: str) -> str:
+def _coco_url(model: str, backbone: str = 'tv_resnet50') -> str:
     from .backbone import coco_detector_weights
-    return coco_detector_weights(model).url
+    return coco_detector_weights(model, backbone).url
 
 
-def _checkpoint_not_found(path: str, model: str) -> UserError:
+def _checkpoint_not_found(path: str, model: str, backbone: str = 'tv_resnet50') -> UserError:
     return UserError(f'--detector-checkpoint {path} not found; pass the path of torchvision\'s COCO weights for '
-                     f'--model {model} ({_coco_url(model)}), or --detector-weights coco to download them.')
+                     f'--model {model} ({_coco_url(model, backbone)}), or --detector-weights coco to download them.')
 
 
 def dataset_label_space(dataset: str, coco_detector: bool, reset_predictors: bool) -> str:
@@ -92,12 +92,12 @@ def check_coco_categories(categories: List[Dict], coco_names: List[str], where: 
                             f'predictors for this dataset.')
 
 
-def read_detector_state_dict(path: str, model: str) -> Dict[str, torch.Tensor]:
+def read_detector_state_dict(path: str, model: str, backbone: str = 'tv_resnet50') -> Dict[str, torch.Tensor]:
     """The state dict in ``path``: a plain torchvision state dict (the COCO_V1 file), or a dict holding one as
     ``model`` (torchvision's reference scripts) or ``state_dict`` (timm / this trainer). Problems are UserErrors."""
     from ..modeling import read_checkpoint  # imports timm: not at module level (keeps --help light)
     if not os.path.isfile(path):
-        raise _checkpoint_not_found(path, model)
+        raise _checkpoint_not_found(path, model, backbone)
     try:
         content = read_checkpoint(path)
     except Exception as e:
@@ -105,22 +105,24 @@ def read_detector_state_dict(path: str, model: str) -> Dict[str, torch.Tensor]:
         reason = 'it is empty (0 bytes)' if os.path.getsize(path) == 0 else \
             f'truncated or corrupt: {lines[0][:160] if lines else type(e).__name__}'
         raise UserError(f'--detector-checkpoint {path} is not a readable PyTorch file ({reason}); download it again '
-                        f'({_coco_url(model)}) or pass another copy.') from e
+                        f'({_coco_url(model, backbone)}) or pass another copy.') from e
     for key in ('model', 'state_dict'):
         if isinstance(content, dict) and isinstance(content.get(key), dict):
             content = content[key]
             break
     if not isinstance(content, dict) or not content or not all(torch.is_tensor(v) for v in content.values()):
         raise UserError(f'--detector-checkpoint {path} holds no state dict (a dict of tensors, or one under '
-                        f'\'model\' / \'state_dict\'); pass torchvision\'s COCO weights file ({_coco_url(model)}).')
+                        f'\'model\' / \'state_dict\'); pass torchvision\'s COCO weights file '
+                        f'({_coco_url(model, backbone)}).')
     return content
 
 
-def load_detector_checkpoint(detector: torch.nn.Module, path: str, model: str) -> None:
+def load_detector_checkpoint(detector: torch.nn.Module, path: str, model: str,
+                             backbone: str = 'tv_resnet50') -> None:
     """Load a torchvision-format state dict (:func:`read_detector_state_dict`) into torchvision's COCO detector,
     every tensor exactly; a file of another architecture is one UserError listing what does not fit."""
-    from .backbone import COCO_DETECTORS
-    state = read_detector_state_dict(path, model)
+    from .backbone import coco_detector_name
+    state = read_detector_state_dict(path, model, backbone)
     own = detector.state_dict()
     given = {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}  # FrozenBatchNorm2d drops them
     missing = [k for k in own if k not in given]
@@ -131,10 +133,11 @@ def load_detector_checkpoint(detector: torch.nn.Module, path: str, model: str) -
         parts = [f'{len(v)} {what} (e.g. {v[0]})' for what, v in (('missing keys', missing),
                                                                    ('unexpected keys', unexpected),
                                                                    ('shape mismatches, file vs model', shapes)) if v]
-        raise UserError(f'--detector-checkpoint {path} is not a state dict of torchvision\'s {COCO_DETECTORS[model]} '
+        raise UserError(f'--detector-checkpoint {path} is not a state dict of torchvision\'s '
+                        f'{coco_detector_name(model, backbone)} '
                         f'with 91 COCO classes: {"; ".join(parts)}; pass that detector\'s COCO weights '
-                        f'({_coco_url(model)}) or a checkpoint saved from it, matching --model {model} (a run of '
-                        f'this trainer continues with --resume).')
+                        f'({_coco_url(model, backbone)}) or a checkpoint saved from it, matching --model {model} '
+                        f'(a run of this trainer continues with --resume).')
     detector.load_state_dict(state)
 
 
@@ -148,11 +151,11 @@ def build_model(model: str, backbone: str, num_classes: int, coco_detector: bool
     from .backbone import build_coco_detector, build_detector, load_coco_weights, reset_class_predictors
     if not coco_detector:
         return build_detector(model, backbone, num_classes, **(options or {}))
-    detector = build_coco_detector(model, **(runtime or {}))
+    detector = build_coco_detector(model, backbone=backbone, **(runtime or {}))
     if detector_checkpoint:
-        load_detector_checkpoint(detector, detector_checkpoint, model)
+        load_detector_checkpoint(detector, detector_checkpoint, model, backbone)
     else:
-        load_coco_weights(detector, model)
+        load_coco_weights(detector, model, backbone=backbone)
     if reset_predictors:
         reset_class_predictors(detector, num_classes)
     return detector

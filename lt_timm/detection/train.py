@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..run_dir import claim_run_dir, resume_hint, truncate_summary, update_summary
 from .finetune import build_model, check_coco_categories, freeze_submodules, hold_frozen_norms
 
-__all__ = ['setup', 'fit', 'train', 'DetectionRun', 'build_datasets', 'build_sampler', 'detector_options',
+__all__ = ['setup', 'fit', 'train', 'evaluate_only', 'DetectionRun', 'build_datasets', 'build_sampler', 'detector_options',
            'runtime_options', 'lr_at', 'save_checkpoint', 'load_checkpoint']
 
 _logger = logging.getLogger('train_detection')
@@ -54,6 +54,9 @@ def build_datasets(args, label_space: str = 'contiguous'):
         base = PennFudanDataset(args.data_dir, img_size=args.img_size)
         tr, va = split_indices(len(base), args.val_size, args.split_seed)
         train_base, val_base = base, base
+    elif args.dataset == 'voc':
+        train_base, val_base = _voc(args, args.train_split), _voc(args, args.val_split)
+        tr, va = list(range(len(train_base))), list(range(len(val_base)))
     else:
         def coco(split):
             return CocoDetectionDataset(os.path.join(args.data_dir, split),
@@ -70,6 +73,13 @@ def build_datasets(args, label_space: str = 'contiguous'):
         raise UserError(f'no validation images (--val-size {args.val_size}, --max-val {args.max_val}); every run '
                         f'is evaluated: set --val-size (PennFudanPed) or --max-val to at least 1.')
     return train_base, tr, val_base, va
+
+
+def _voc(args, image_set: str):
+    """PASCAL VOC 2012 (``--data-dir`` = the VOC2012 folder), instances as ``--voc-instances`` says."""
+    from .voc import VOCInstanceDataset
+    return VOCInstanceDataset(args.data_dir, image_set, instances=args.voc_instances,
+                              connectivity=args.voc_connectivity, min_area=args.voc_min_area, img_size=args.img_size)
 
 
 class _Subset(torch.utils.data.Dataset):
@@ -102,15 +112,19 @@ def detector_options(args) -> Dict:
     are not passed to RetinaNet)."""
     arch = dict(pretrained=args.pretrained, anchor_sizes=args.anchor_sizes, fpn_channels=args.fpn_channels)
     if args.model != 'retinanet':
-        arch.update(mask_head_channels=args.mask_head_channels, box_head_dim=args.box_head_dim)
+        arch.update(mask_head_channels=args.mask_head_channels, box_head_dim=args.box_head_dim,
+                    fpn_strides=args.fpn_strides, fpn_extra=args.fpn_extra)
     return dict(runtime_options(args), **arch)
 
 
 def build_sampler(args, num_images: int, world_size: int = 1, rank: int = 0):
-    """The grouped repeated-augmentation batch sampler of the classification loader (``-b`` rows per batch)."""
+    """The grouped repeated-augmentation batch sampler of the classification loader (``-b`` rows per batch;
+    ``--lt-epoch original``: ``-b`` images x m rows)."""
+    from ..layout import rows_per_step
     from ..sampler import RepeatedAugBatchSampler
+    rows = rows_per_step(args.batch_size, args.aug_repeats, args.lt_epoch)
     try:
-        return RepeatedAugBatchSampler(num_images, args.batch_size, args.aug_repeats, num_replicas=world_size,
+        return RepeatedAugBatchSampler(num_images, rows, args.aug_repeats, num_replicas=world_size,
                                        rank=rank, shuffle=True, epoch_mode=args.lt_epoch, seed=args.seed)
     except ValueError as e:
         raise UserError(f'{e} (or --lt-epoch full: each image m times per epoch)') from e
@@ -221,7 +235,7 @@ def _num_classes(args, label_space: str, train_base, val_base) -> int:
     if label_space != 'coco_ids':
         return train_base.num_classes
     from .backbone import coco_category_names
-    names = coco_category_names(args.model)
+    names = coco_category_names(args.model, args.backbone)
     for ds in (train_base, val_base):
         check_coco_categories(ds.categories, names, ds.ann_file)
     return len(names)
@@ -242,7 +256,7 @@ def _build_net(args, settings: DetectionSettings, device: torch.device, num_clas
     net = InstanceLossTransform(model, args.aug_repeats, rho=rho, box_weight=args.lt_box_weight,
                                 mask_weight=args.lt_mask_weight, min_visible=args.lt_min_visible,
                                 detach_consensus=args.lt_detach, match=args.lt_match,
-                                match_iou=args.lt_match_iou).to(device)
+                                match_iou=args.lt_match_iou, area_ratio=args.lt_area_ratio).to(device)
     params = [q for q in net.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     start_epoch = load_checkpoint(args.resume, net.model, opt, args) if args.resume else 0
@@ -258,11 +272,14 @@ def _build_net(args, settings: DetectionSettings, device: torch.device, num_clas
 def _build_loaders(args, run: DetectionRun, sampler, train_base, tr_idx, val_base, va_idx) -> None:
     """The grouped training loader (each item: an image decoded once, augmented per replica; randomness = f(seed,
     epoch, image)); on the primary rank the validation loader and its COCO ground truth."""
+    from .copy_paste import CopyPaste
     from .data import BlockBatchSampler, ReplicaDataset, eval_collate, replica_collate
     from .evaluate import coco_from_dataset
     from .transforms import ReplicaAugment
-    augment = ReplicaAugment(args.hflip, args.scale, args.translate, args.min_visible)
-    run.train_ds = ReplicaDataset(train_base, args.aug_repeats, augment, indices=tr_idx, seed=args.seed)
+    augment = ReplicaAugment(args.hflip, args.scale, args.translate, args.min_visible, crop_scale=args.crop_scale)
+    paste = CopyPaste(args.copy_paste, args.copy_paste_scale, args.min_visible) if args.copy_paste else None
+    run.train_ds = ReplicaDataset(train_base, args.aug_repeats, augment, indices=tr_idx, seed=args.seed,
+                                  copy_paste=paste)
     run.loader = torch.utils.data.DataLoader(run.train_ds, batch_sampler=BlockBatchSampler(sampler),
                                              num_workers=args.workers, collate_fn=replica_collate)
     if run.ranks.is_primary:
@@ -302,6 +319,28 @@ def train(args: argparse.Namespace, settings: DetectionSettings) -> Dict:
     return fit(args, setup(args, settings))
 
 
+def evaluate_only(args: argparse.Namespace, settings: DetectionSettings) -> Dict:
+    """``--eval-only``: :func:`setup`, then the detector as built / loaded (e.g. torchvision's COCO weights, the
+    paper's Table 6 baseline row) evaluated on the validation set; ``eval.json`` (and ``args.yaml``) in the run
+    folder. No training, no checkpoint."""
+    import json
+    run = setup(args, settings)
+    output, exp = _run_name(args)
+    if not run.ranks.is_primary:
+        return {}
+    lock = claim_run_dir(output, exp + '-eval' if not args.experiment else exp, '')
+    try:
+        out_dir = os.path.dirname(lock.path)
+        with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(vars(args), f, sort_keys=False)
+        metrics = _evaluate(args, run, args.epochs - 1)
+        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+            json.dump({'epoch': run.start_epoch, 'num_val': run.num_val, **metrics}, f, indent=2)
+    finally:
+        lock.release()
+    return {'output': out_dir, 'final': metrics, 'num_train': run.num_train, 'num_val': run.num_val}
+
+
 def _run_name(args):
     """(output root, run folder name): a resumed run continues in its checkpoint's own folder."""
     output, exp = args.output, args.experiment
@@ -312,6 +351,7 @@ def _run_name(args):
 
 def _open_run_dir(args, run: DetectionRun, out_dir: str) -> None:
     """Summary rows past the start dropped, ``args.yaml`` written, the run described in the log."""
+    from ..layout import rows_per_step
     truncate_summary(os.path.join(out_dir, 'summary.csv'), run.start_epoch)
     with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
         yaml.safe_dump(vars(args), f, sort_keys=False)
@@ -327,7 +367,8 @@ def _open_run_dir(args, run: DetectionRun, out_dir: str) -> None:
         f'{args.model} on {args.backbone} ({sum(p.numel() for p in run.net.model.parameters()) / 1e6:.2f}M params), '
         f'{run.num_train} train / {run.num_val} val images, loss {args.loss} (rho {run.rho}, --lt-match '
         f'{args.lt_match}). Sampler: grouped '
-        f'repeats m={args.aug_repeats}, mode {args.lt_epoch}, {len(run.loader)} batches/epoch of {args.batch_size} rows'
+        f'repeats m={args.aug_repeats}, mode {args.lt_epoch}, {len(run.loader)} batches/epoch of '
+        f'{rows_per_step(args.batch_size, args.aug_repeats, args.lt_epoch)} rows'
         + (f' per rank x {world} ranks' if world > 1 else '') + f'. Output: {out_dir}. '
         f'Epochs {run.start_epoch}..{args.epochs - 1}.')
     if args.resume:
