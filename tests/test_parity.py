@@ -124,7 +124,8 @@ def test_model_flags_reach_the_model():
     assert torch.all(head.weight == 0) and torch.all(head.bias == 0.5)
     assert model.grad_checkpointing
 
-    c = _config('--model', 'test_efficientnet', '--bn-momentum', '0.2', '--bn-eps', '0.001', '--model-dtype', 'bfloat16')
+    c = _config('--model', 'test_efficientnet', '--bn-momentum', '0.2', '--bn-eps', '0.001',
+                '--model-dtype', 'bfloat16')
     model = prepare_model(c.model, create_model_from(c.model, 3), torch.device('cpu'), c.precision.model_dtype)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.momentum == 0.2 and m.eps == 0.001 for m in bns)
@@ -285,7 +286,8 @@ def test_train_cli_accumulation_val_interval_recovery_wandb(tmp_path):
 
 def test_options_common_to_train_and_validate_are_defined_once():
     """One parser source: every supported option that timm's train.py and validate.py define alike (same flags,
-    default, type, nargs, action) comes from lt_timm.cli.flags.SHARED_OPTIONS, and both our parsers build it the same."""
+    default, type, nargs, action) comes from lt_timm.cli.flags.SHARED_OPTIONS, and both our parsers build it the
+    same."""
     from lt_timm.cli.flags import SHARED_OPTIONS
     tr = {o['dest']: o for o in timm_options()['train']}
     va = {o['dest']: o for o in timm_options()['validate']}
