@@ -38,8 +38,10 @@ def _log_eval_batch(name: str, batch_idx: int, num_batches: Optional[int], batch
         f'Acc@5: {cur[2]:>7.3f} ({avg[2]:>7.3f})')
 
 
-def _batch_sums(model: nn.Module, input: torch.Tensor, target: torch.Tensor, autocast) -> torch.Tensor:
-    """(loss, top-1, top-5) of one batch, each times its rows, and the rows (float64, on the host)."""
+def _batch_sums(model: nn.Module, input: torch.Tensor, target: torch.Tensor, autocast,
+                present: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(loss, top-1, top-5) of one batch, each times its rows, the rows, then (with ``present``, the labels the data
+    holds) the top-1 hits among those classes only (float64, on the host)."""
     with autocast():
         output = model(input)
     if isinstance(output, (tuple, list)):
@@ -48,19 +50,26 @@ def _batch_sums(model: nn.Module, input: torch.Tensor, target: torch.Tensor, aut
     k = min(5, output.shape[-1])
     acc1, acc5 = utils.accuracy(output, target, topk=(1, k))
     n = input.shape[0]
-    return torch.tensor([loss.item() * n, acc1.item() * n, acc5.item() * n, n], dtype=torch.float64)
+    sums = [loss.item() * n, acc1.item() * n, acc5.item() * n, n]
+    if present is not None:
+        present = present.to(output.device)
+        sums.append((present[output[:, present].argmax(1)] == target).sum().item())
+    return torch.tensor(sums, dtype=torch.float64)
 
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, ranks: Ranks = Ranks(), prefetcher: bool = False,
              channels_last: bool = False, autocast=suppress, log_suffix: str = '', log_freq: int = 0,
-             input_dtype: Optional[torch.dtype] = None) -> 'OrderedDict[str, float]':
-    """Top-1/top-5 accuracy (%) and CE loss over ``loader`` (timm's validation semantics); ``log_freq``: log
+             input_dtype: Optional[torch.dtype] = None, present: Optional[torch.Tensor] = None
+             ) -> 'OrderedDict[str, float]':
+    """Top-1/top-5 accuracy (%) and CE loss over ``loader`` (timm's validation semantics); ``present`` (label
+    indices): also ``top1_present``, top-1 among those classes only (e.g. the 10 ImageNet classes of Imagenette
+    under the 1000-way head); ``log_freq``: log
     timm's per-batch line at batch 0, every ``log_freq`` batches and the last (train.py: ``--log-interval``,
     validate.py: ``--log-freq``). Without the prefetcher, batches are moved to ``device`` (images in
     ``input_dtype``)."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss*n, top1*n, top5*n, n
+    sums = torch.zeros(4 if present is None else 5, dtype=torch.float64)  # loss*n, top1*n, top5*n, n[, hits]
     num_batches = len(loader) if hasattr(loader, '__len__') else None
     batch_time_m = utils.AverageMeter()
     end = time.time()
@@ -69,16 +78,18 @@ def validate(model: nn.Module, loader, device: torch.device, ranks: Ranks = Rank
             input, target = input.to(device=device, dtype=input_dtype), target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
-        now = _batch_sums(model, input, target, autocast)
+        now = _batch_sums(model, input, target, autocast, present)
         sums += now
         batch_time_m.update(time.time() - end)
         end = time.time()
         last = num_batches is not None and batch_idx + 1 == num_batches
         if log_freq and (last or batch_idx % log_freq == 0) and ranks.is_primary:
             _log_eval_batch(f'Test{log_suffix}', batch_idx, num_batches, batch_time_m, now, sums)
-    loss, top1, top5, count = read_sums(sums, ranks.distributed, device)
+    loss, top1, top5, count, *hits = read_sums(sums, ranks.distributed, device)
     n = max(count, 1.0)
     metrics = OrderedDict([('loss', loss / n), ('top1', top1 / n), ('top5', top5 / n)])
+    if hits:
+        metrics['top1_present'] = 100. * hits[0] / n
     if ranks.is_primary:
         _logger.info(f' * Acc@1 {metrics["top1"]:.3f} ({100 - metrics["top1"]:.3f}) Acc@5 {metrics["top5"]:.3f} '
                      f'({100 - metrics["top5"]:.3f}){log_suffix}')  # timm validate.py's closing line

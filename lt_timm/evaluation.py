@@ -26,7 +26,7 @@ from .modeling import checkpoint_problem, load_weights, read_checkpoint, read_ch
 from .plots import plot_view_heatmap
 from .transforms import apply_cifar_augmentation
 
-__all__ = ['run_validation', 'load_eval_checkpoint', 'run_class_map']
+__all__ = ['run_validation', 'load_eval_checkpoint', 'run_class_map', 'present_labels']
 
 _logger = logging.getLogger('validate')
 
@@ -46,11 +46,14 @@ def run_validation(config: ValidateConfig) -> 'OrderedDict[str, object]':
     model, data_config, test_time_pool = _eval_model(config, num_classes, device)
     autocast, _ = autocast_and_scaler(config.precision, device)
     loader = _eval_loader(config, dataset, data_config, test_time_pool, device)
+    present = present_labels(dataset, num_classes)
     start = time.time()
     metrics = validate(model, loader, device, prefetcher=config.prefetcher,
                        channels_last=config.precision.channels_last, autocast=autocast, log_freq=config.log_freq,
-                       input_dtype=config.precision.model_dtype)
+                       input_dtype=config.precision.model_dtype, present=present)
     results = _results(config, metrics, model, data_config, len(dataset) / (time.time() - start))
+    if present is not None:
+        results.update(top1_present=round(metrics['top1_present'], 4), classes_present=len(present))
     if config.views.num_views:
         views = _eval_dataset(config, root, run_map, seed_first=True)
         results.update(_view_results(config, model, views, data_config, run_map or class_to_idx_of(dataset), device,
@@ -75,6 +78,16 @@ def run_class_map(checkpoint: str) -> Optional[Dict[str, int]]:
         return None
     saved = read_checkpoint_args(checkpoint) if os.path.isfile(checkpoint) else None
     return getattr(saved, 'class_to_idx', None) or read_class_map(os.path.dirname(os.path.abspath(checkpoint)))
+
+
+def present_labels(dataset, num_classes: int) -> Optional[torch.Tensor]:
+    """The labels a folder dataset's images carry, when they are fewer than the model's classes (an ImageNet subset
+    read through ImageNet's 1000-class map), else None."""
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if not samples:
+        return None
+    labels = sorted({int(t) for _, t in samples})
+    return torch.tensor(labels) if len(labels) < num_classes else None
 
 
 def _eval_dataset(config: ValidateConfig, root: str, run_map, seed_first: bool = False):
