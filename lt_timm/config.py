@@ -14,7 +14,7 @@ import torch
 from .registry import LossOptions
 
 __all__ = ['Ranks', 'Precision', 'DataOptions', 'ModelOptions', 'LoaderOptions', 'MixupOptions', 'OptimOptions',
-           'EmaOptions', 'RunOptions', 'LoopOptions', 'TrainConfig', 'ViewOptions', 'ValidateConfig',
+           'EmaOptions', 'RunOptions', 'LoopOptions', 'ResumePoint', 'TrainConfig', 'ViewOptions', 'ValidateConfig',
            'DetectionSettings', 'settings_from']
 
 
@@ -210,6 +210,21 @@ class LoopOptions:
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    """What the command line read from the ``--resume`` checkpoint (its flags already compared with this run's):
+    the run folder it continues in ('' = a new folder: the file is not in a run folder), the run's data (class map,
+    image counts) for the data check, its lr, and the :data:`~lt_timm.cli.checks.RESUME_RECOVERY` options this
+    resume changes (logged and recorded)."""
+    path: str
+    folder: str = ''
+    class_to_idx: Mapping[str, int] = field(default_factory=dict)
+    train_images: Optional[int] = None
+    eval_images: Optional[int] = None
+    lr: Optional[float] = None
+    changes: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything ``train.py`` runs with, resolved by :func:`lt_timm.cli.train.resolve`."""
     ranks: Ranks
@@ -229,6 +244,7 @@ class TrainConfig:
     fast_norm: bool
     record: argparse.Namespace  # saved as each checkpoint's 'args' (timm's format); not read below the CLI
     record_text: str  # args.yaml
+    resumed: Optional[ResumePoint] = None  # --resume
 
 
 @dataclass(frozen=True)

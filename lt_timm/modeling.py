@@ -15,8 +15,8 @@ import timm
 from . import models as _models  # noqa: F401  (registers lt-timm's models with timm)
 from .errors import UserError
 
-__all__ = ['create_model', 'load_weights', 'checkpoint_problem', 'read_checkpoint', 'read_checkpoint_args',
-           'all_finite']
+__all__ = ['create_model', 'load_weights', 'checkpoint_problem', 'read_checkpoint', 'read_checkpoint_meta',
+           'read_checkpoint_args', 'all_finite']
 
 _logger = logging.getLogger(__name__)
 
@@ -82,11 +82,24 @@ def _clear_filter_errors(model: nn.Module):
     return apply
 
 
-def read_checkpoint(path: str):
+def read_checkpoint(path: str, mmap: bool = False):
     """The content of a checkpoint file, read safely (``weights_only``; the ``args`` Namespace that train.py and
-    timm store allowed), on the CPU. Raises whatever ``torch.load`` raises on a bad file."""
+    timm store allowed), on the CPU; ``mmap``: tensors mapped, not read (cheap for the non-tensor entries). Raises
+    whatever ``torch.load`` raises on a bad file."""
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+
+
+def read_checkpoint_meta(path: str) -> Optional[dict]:
+    """A checkpoint's content with its tensors memory-mapped (epoch, args, metric, bookkeeping), or ``None`` when
+    the file is missing or not a readable checkpoint dict."""
+    for mmap in (True, False):  # files of the legacy (non-zip) format cannot be mapped
+        try:
+            content = read_checkpoint(path, mmap=mmap)
+        except Exception:
+            continue
+        return content if isinstance(content, dict) else None
+    return None
 
 
 def checkpoint_problem(path: str, error: BaseException, description: str) -> str:
@@ -109,11 +122,8 @@ def checkpoint_problem(path: str, error: BaseException, description: str) -> str
 
 def read_checkpoint_args(path: str) -> Optional[argparse.Namespace]:
     """The training arguments stored in a train.py checkpoint (``None`` for other files)."""
-    try:
-        content = read_checkpoint(path)
-    except Exception:
-        return None
-    args = content.get('args') if isinstance(content, dict) else None
+    content = read_checkpoint_meta(path)
+    args = content.get('args') if content is not None else None
     return args if isinstance(args, argparse.Namespace) else None
 
 

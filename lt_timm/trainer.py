@@ -42,10 +42,19 @@ def loss_parts(result: dict) -> torch.Tensor:
     return torch.stack([loss.float(), base.float(), cons.float()])
 
 
-def _diverged(loss_value: float, epoch: int, steps: str, output_dir: Optional[str], applied: bool) -> UserError:
+def _diverged(loss_value: float, epoch: int, steps: str, output_dir: Optional[str], applied: bool,
+              amp: bool = False) -> UserError:
     what = 'nothing of this epoch was saved' if applied else 'this step was not applied'
     return UserError(f'loss is {loss_value} at epoch {epoch} {steps}: training diverged and {what}; '
-                     f'lower --lr, add --clip-grad 1.0 or drop --amp, {resume_hint(output_dir, epoch)}.')
+                     f'{_advice(output_dir, epoch, amp)}.')
+
+
+def _advice(output_dir: Optional[str], epoch: int, amp: bool) -> str:
+    """What to do after a divergence: options a resumed run may change (--lr, --clip-grad), then --resume."""
+    advice = f'lower --lr or add --clip-grad 1.0, {resume_hint(output_dir, epoch)}'
+    if amp:
+        advice += ' (or train without --amp: a new run from that checkpoint with --initial-checkpoint)'
+    return advice
 
 
 class MicroBatches:
@@ -105,6 +114,7 @@ class Trainer:
         self.autocast, self.loss_scaler, self.mixup_fn = autocast, loss_scaler, mixup_fn
         self.model_dtype, self.recorder = model_dtype, recorder
         self.second_order = getattr(optimizer, 'is_second_order', False)
+        self.epoch: Optional[int] = None  # the epoch in progress (named when the run is stopped)
 
     @property
     def output_dir(self) -> Optional[str]:
@@ -117,6 +127,7 @@ class Trainer:
         best: Tuple[Optional[float], Optional[int]] = (None, None)
         eval_metrics = OrderedDict()
         for epoch in range(start_epoch, num_epochs):
+            self.epoch = epoch
             self.begin_epoch(epoch)
             train_metrics = self.train_epoch(epoch)
             self.distribute_bn(log=epoch == start_epoch)
@@ -158,7 +169,7 @@ class Trainer:
         if all(all_finite(m) for m in models):
             return
         raise UserError(f'training diverged in epoch {epoch}: the weights are no longer finite (NaN/inf) and were not '
-                        f'saved; lower --lr or add --clip-grad 1.0, {resume_hint(self.output_dir, epoch)}.')
+                        f'saved; {_advice(self.output_dir, epoch, self.autocast is not suppress)}.')
 
     def skip_validation(self, epoch: int) -> None:
         """As timm: no validation, summary row or checkpoint this epoch (``--val-interval``); the scheduler steps."""
@@ -227,7 +238,8 @@ class Trainer:
                 result = self.task(input, target)
             loss = result['loss']
             if self.loop.check_loss_every_step and not torch.isfinite(loss):
-                raise _diverged(loss.item(), epoch, f'step {batch_idx}', self.output_dir, applied=False)
+                raise _diverged(loss.item(), epoch, f'step {batch_idx}', self.output_dir, applied=False,
+                                amp=self.autocast is not suppress)
             self.backward_and_step(loss / divisor if divisor > 1 else loss, need_update)
         return loss_parts(result)
 
@@ -263,7 +275,7 @@ class Trainer:
         if not math.isfinite(host[0]):
             raise _diverged(host[0], epoch, f'between steps {meter.logged_step} and {batch_idx} (checked every '
                             f'--log-interval {self.loop.log_interval} steps; --check-loss-every-step stops before the '
-                            f'step)', self.output_dir, applied=True)
+                            f'step)', self.output_dir, applied=True, amp=self.autocast is not suppress)
         meter.logged_step = batch_idx + 1
         return host
 
@@ -336,14 +348,13 @@ class Trainer:
                         input_dtype=self.model_dtype)
 
     def record(self, epoch: int, train_metrics, eval_metrics, extra) -> Optional[Tuple[Optional[float], Optional[int]]]:
-        """The checkpoint, then its summary row (a resumed run drops rows past its start); returns the best metric
-        and its epoch so far (``None`` off the primary rank)."""
+        """The checkpoint, then its summary row (:meth:`lt_timm.recorder.Recorder.commit_epoch`); returns the best
+        metric and its epoch so far (``None`` off the primary rank)."""
         if self.recorder is None:
             return None
-        best = self.recorder.save_checkpoint(epoch, eval_metrics[self.loop.eval_metric])
         lrs = [pg['lr'] for pg in self.optimizer.param_groups]
-        self.recorder.summary_row(epoch, train_metrics['loss'], eval_metrics, sum(lrs) / len(lrs), extra)
-        return best
+        return self.recorder.commit_epoch(epoch, eval_metrics[self.loop.eval_metric], train_metrics['loss'],
+                                          eval_metrics, sum(lrs) / len(lrs), extra)
 
     def finish(self, eval_metrics, best_metric: Optional[float], best_epoch: Optional[int]) -> 'OrderedDict':
         if self.recorder is not None:

@@ -4,8 +4,13 @@
 compile / DDP, schedule, the :class:`~lt_timm.trainer.Trainer`), claims the run folder (:func:`open_run`) and fits.
 Built from timm's pieces — ``create_model``, ``create_dataset``, ``lt_timm.create_loader``, ``Mixup`` /
 ``FastCollateMixup``, ``create_optimizer_v2``, ``create_scheduler_v2``, ``timm.task.ClassificationTask`` (with its
-``ModelEmaV3``), ``CheckpointSaver`` (atomic ``tmp`` -> ``last`` writes), ``update_summary`` — so flags, YAML
-recipes (``-c``, keys are the flags' dest names) and checkpoints carry over from timm.
+``ModelEmaV3``), timm's checkpoint format and history (:mod:`lt_timm.checkpoints`), ``update_summary`` — so flags,
+YAML recipes (``-c``, keys are the flags' dest names) and checkpoints carry over from timm.
+
+A resumed run (``--resume``, its flags compared by the command line) checks that its data is the run's, continues in
+the checkpoint's run folder (later epochs moved aside, what a kill left half-done removed, the checkpoint history
+completed, ``summary.csv`` rewritten from the checkpoint's rows) and keeps the run's ``args.yaml``. A run stopped by
+Ctrl-C, SIGTERM or a lost DDP process releases its folder and says how to resume (:class:`~lt_timm.errors.RunStopped`).
 """
 import argparse
 import logging
@@ -17,7 +22,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, resolve_data_config
 from timm.layers import set_fast_norm
 from timm.models import safe_model_name
@@ -27,14 +31,16 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from .builders import (autocast_and_scaler, create_loaders, create_model_from, open_datasets, prepare_model,
                        resolve_num_classes, setup_training_process)
-from .config import MixupOptions, OptimOptions, TrainConfig
+from .checkpoints import EpochSaver
+from .config import MixupOptions, OptimOptions, ResumePoint, TrainConfig
 from .data import write_class_map
-from .errors import UserError
+from .errors import RunStopped, STOP_EXIT_CODES, Terminated, UserError
 from .loss import LossTransform
-from .modeling import checkpoint_problem, read_checkpoint_args
-from .recorder import Recorder
+from .modeling import checkpoint_problem, read_checkpoint_meta
+from .recorder import SUMMARY_KEY, Recorder, checkpoint_state_fn
 from .registry import LossOptions, create_loss, describe_criterion
-from .run_dir import RunLock, claim_run_dir, truncate_summary
+from .run_dir import (DEFAULT_OUTPUT, RunLock, claim_run_dir, read_summary_rows, remove_stale_tmp, resume_command,
+                      supersede_later_epochs, write_summary)
 from .task import LossTransformTask
 from .trainer import Trainer
 
@@ -62,16 +68,61 @@ class TrainingRun:
 
 
 def train(config: TrainConfig) -> 'OrderedDict[str, Any]':
-    """Run a full training job; returns the final epoch's eval metrics (and best) for scripting."""
+    """Run a full training job; returns the final epoch's eval metrics (and best) for scripting. Ctrl-C, SIGTERM
+    (:func:`lt_timm.errors.sigterm_raises`) or a DDP process that stops end it with :class:`RunStopped` (the run
+    folder unlocked, the resume command in the message)."""
     run = build_run(config)
     lock = None
     try:
         if config.ranks.is_primary:
             lock = open_run(config, run)
         return run.trainer.fit(run.start_epoch, run.num_epochs)
+    except (KeyboardInterrupt, Terminated) as e:
+        raise _stopped(config, run.trainer, e) from None
+    except RuntimeError as e:
+        if config.ranks.distributed and _lost_a_process(e):
+            raise _stopped(config, run.trainer, e) from None
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _lost_a_process(e: RuntimeError) -> bool:
+    """A collective that failed because another process of the DDP group is gone (gloo / NCCL)."""
+    dist_error = getattr(torch.distributed, 'DistError', ())
+    text = str(e)
+    return isinstance(e, dist_error) or any(s in text for s in (
+        'Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'gloo', 'NCCL'))
+
+
+def _lost_how(e: RuntimeError) -> str:
+    text = str(e)
+    known = [s for s in ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe') if s in text]
+    return known[0] if known else (text.strip().splitlines() or [type(e).__name__])[0][:120]
+
+
+def _stopped(config: TrainConfig, trainer: Trainer, e: BaseException) -> RunStopped:
+    """What stopped the run, in which epoch, and the command that resumes it."""
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        code = STOP_EXIT_CODES[type(e).__name__]
+        what = 'stopped by Ctrl-C (SIGINT)' if isinstance(e, KeyboardInterrupt) else 'stopped by SIGTERM'
+        if not config.ranks.is_primary:
+            return RunStopped('', code)  # every process gets the signal: the primary one says it
+    else:
+        code = 2
+        what = f'process {config.ranks.rank} of this DDP run lost another process ({_lost_how(e)})'
+    where = f' in epoch {trainer.epoch}' if trainer.epoch is not None else ''
+    last = os.path.join(trainer.output_dir, 'last.pth.tar') if trainer.output_dir else ''
+    if not (last and os.path.exists(last)) and config.resumed is not None:
+        last = config.resumed.path
+    if last and os.path.exists(last):
+        how = f'the run folder is unlocked and {last} holds the last saved epoch; to continue: {resume_command(last)}'
+    elif config.ranks.is_primary:
+        how = 'no checkpoint was saved yet: start again'
+    else:
+        how = 'to continue, pass --resume <run folder>/last.pth.tar (the run folder is in process 0\'s log)'
+    return RunStopped(f'{what}{where}; {how}', code)
 
 
 def build_run(config: TrainConfig) -> TrainingRun:
@@ -82,6 +133,7 @@ def build_run(config: TrainConfig) -> TrainingRun:
         set_fast_norm()
     device = torch.device(config.precision.device)
     dataset_train, dataset_eval, class_to_idx = open_datasets(config.data, config.ranks)
+    check_resumed_data(config.resumed, class_to_idx, len(dataset_train), len(dataset_eval))
     num_classes = resolve_num_classes(config.model.num_classes, dataset_train)
     model = create_model_from(config.model, num_classes)
     data_config = resolve_data_config(dict(config.data_config_args), model=model, verbose=config.ranks.is_primary)
@@ -107,6 +159,29 @@ def build_run(config: TrainConfig) -> TrainingRun:
 
 
 # ---------------------------------------------------------------- pieces of the run
+
+def check_resumed_data(resumed: Optional[ResumePoint], class_to_idx: Dict[str, int], train_images: int,
+                       eval_images: int) -> None:
+    """``--resume``: the data must be the run's (its classes and labels, its image counts); one error names each
+    difference and the way forward."""
+    if resumed is None:
+        return
+    diffs = []
+    if resumed.class_to_idx and class_to_idx and dict(resumed.class_to_idx) != class_to_idx:
+        new, gone = sorted(set(class_to_idx) - set(resumed.class_to_idx)), \
+            sorted(set(resumed.class_to_idx) - set(class_to_idx))
+        diffs.append(f'classes {new[:5]} are new and {gone[:5]} are missing' if new or gone
+                     else 'the classes have other labels')
+    for what, now, then in (('training images', train_images, resumed.train_images),
+                            ('validation images', eval_images, resumed.eval_images)):
+        if then is not None and now != then:
+            diffs.append(f'{now} {what} (the run: {then})')
+    if diffs:
+        where = f' (its class map: {os.path.join(resumed.folder, "class_map.txt")})' if resumed.folder else ''
+        raise UserError(f'--resume {resumed.path}: this data is not the run\'s: {"; ".join(diffs)}. Resume on the '
+                        f'run\'s data{where}, or start a new run from these weights with --initial-checkpoint '
+                        f'{resumed.path}.')
+
 
 def create_mixup(mixup: MixupOptions, num_classes: int, prefetcher: bool):
     """(collate_fn, mixup_fn) as timm's train.py builds them: the mixup collate under the prefetcher, else Mixup."""
@@ -180,22 +255,35 @@ def _task_and_optimizer(config: TrainConfig, model: nn.Module, criterion: nn.Mod
 
 
 def _resume(config: TrainConfig, task, optimizer, loss_scaler, num_classes: int) -> Optional[int]:
-    """``--resume``: model, optimizer, scaler (timm's task checkpoint); a different ``--lr`` is refused."""
-    path, lr = config.run.resume, config.optim.lr
+    """``--resume``: model, optimizer, scaler (timm's task checkpoint); a new ``--lr`` applies from here on."""
+    path = config.run.resume
     if not path:
         return None
     if not os.path.isfile(path):
         raise UserError(f'--resume checkpoint {path} not found; pass the last.pth.tar of the run to continue.')
-    saved = read_checkpoint_args(path)
-    if saved is not None and lr is not None and getattr(saved, 'lr', lr) != lr:
-        raise UserError(f'--lr {lr} differs from the resumed run\'s lr {saved.lr}: a resumed run continues its '
-                        f'own schedule; drop --lr, or start a new run from the weights with --initial-checkpoint.')
     keep = not config.run.no_resume_opt
     try:
-        return resume_task_checkpoint(task, path, optimizer=optimizer if keep else None,
-                                      loss_scaler=loss_scaler if keep else None, log_info=config.ranks.is_primary)
+        epoch = resume_task_checkpoint(task, path, optimizer=optimizer if keep else None,
+                                       loss_scaler=loss_scaler if keep else None, log_info=config.ranks.is_primary)
     except Exception as e:
         raise UserError(checkpoint_problem(path, e, f'--model {config.model.model} with {num_classes} classes')) from e
+    if keep:
+        _apply_new_lr(config, optimizer)
+    return epoch
+
+
+def _apply_new_lr(config: TrainConfig, optimizer: torch.optim.Optimizer) -> None:
+    """A resumed run given another ``--lr``: the restored optimizer's base lr (``initial_lr``, which timm's scheduler
+    reads) scaled to it, so the schedule continues at the new lr (timm's resume would keep the old one)."""
+    resumed, lr = config.resumed, config.optim.lr
+    if resumed is None or not resumed.lr or lr is None or lr == resumed.lr:
+        return
+    for group in optimizer.param_groups:
+        for key in ('initial_lr', 'lr'):
+            if key in group:
+                group[key] *= lr / resumed.lr
+    if config.ranks.is_primary:
+        _logger.warning(f'--lr {lr} (the run: {resumed.lr}): the schedule continues at the new lr from here on.')
 
 
 def _setup_ema_compile_ddp(config: TrainConfig, task, device: torch.device) -> None:
@@ -220,41 +308,101 @@ def _setup_ema_compile_ddp(config: TrainConfig, task, device: torch.device) -> N
 
 # ---------------------------------------------------------------- the run folder
 
-def checkpoint_args(record: argparse.Namespace, num_classes: int, class_to_idx: Dict[str, int]) -> argparse.Namespace:
-    """The ``args`` every checkpoint holds (timm's format): the resolved flags, the run's number of classes and its
-    class map (not in ``args.yaml``)."""
+def checkpoint_args(record: argparse.Namespace, num_classes: int, class_to_idx: Dict[str, int],
+                    train_images: Optional[int] = None, eval_images: Optional[int] = None) -> argparse.Namespace:
+    """The ``args`` every checkpoint holds (timm's format): the resolved flags, the run's number of classes, its
+    class map and image counts (not in ``args.yaml``; ``--resume`` compares them)."""
     saved = argparse.Namespace(**vars(record))
     saved.num_classes = num_classes
     if class_to_idx:
         saved.class_to_idx = class_to_idx
+    if train_images is not None:
+        saved.train_images, saved.eval_images = train_images, eval_images
     return saved
 
 
 def open_run(config: TrainConfig, run: TrainingRun) -> RunLock:
-    """Claim the run folder (never overwritten; ``--resume`` continues in its own), make it ready (timm's
-    CheckpointSaver, its history restored when resuming in place; summary rows past the start dropped;
-    ``args.yaml`` and the class map written), give the trainer its :class:`Recorder`, log the run's start."""
+    """Claim the run folder (never overwritten; a resumed run continues in its checkpoint's run folder), make it
+    ready (:func:`_recorder`; ``args.yaml`` and the class map), give the trainer its :class:`Recorder`, log the
+    run's start. Returns the folder's held lock."""
     exp_name = config.run.experiment or '-'.join([
         datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(config.run.model), str(run.input_size[-1])])
-    lock = claim_run_dir(config.run.output or './output/train', exp_name, config.run.resume)
+    resumed = config.resumed
+    lock = claim_run_dir(config.run.output or DEFAULT_OUTPUT, exp_name, folder=resumed.folder if resumed else '')
     output_dir = os.path.dirname(lock.path)
-    trainer = run.trainer
-    record = checkpoint_args(config.record, run.num_classes, run.class_to_idx)
-    saver = utils.CheckpointSaver(
-        model=run.model, optimizer=trainer.optimizer, args=record, amp_scaler=trainer.loss_scaler,
-        checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=config.run.eval_metric == 'loss',
-        max_history=config.run.checkpoint_hist, task=trainer.task)
-    resume = config.run.resume
-    if resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(output_dir):
-        saver.load_state_dict_from_checkpoint(resume)
-    truncate_summary(os.path.join(output_dir, 'summary.csv'), run.start_epoch)
-    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-        f.write(config.record_text)
-    if run.class_to_idx:
-        write_class_map(run.class_to_idx, output_dir)
-    trainer.recorder = Recorder(saver, output_dir, log_wandb=_init_wandb(config, exp_name, record))
+    try:
+        recorder = _recorder(config, run, output_dir, exp_name)
+        _write_run_files(config, run, output_dir)
+    except BaseException:
+        lock.release()
+        raise
+    run.trainer.recorder = recorder
     _log_start(config, run, output_dir)
     return lock
+
+
+def _resumes_in(config: TrainConfig, output_dir: str) -> bool:
+    resumed = config.resumed
+    return bool(resumed and resumed.folder) and os.path.abspath(resumed.folder) == os.path.abspath(output_dir)
+
+
+def _recorder(config: TrainConfig, run: TrainingRun, output_dir: str, exp_name: str) -> Recorder:
+    """The run's checkpoints (:class:`EpochSaver`, in timm's format) and summary; a resumed run's folder is
+    completed first (:func:`_resumed_rows`)."""
+    trainer = run.trainer
+    record = checkpoint_args(config.record, run.num_classes, run.class_to_idx, run.num_train, run.num_eval)
+    saver = EpochSaver(output_dir, checkpoint_state_fn(trainer.task, trainer.optimizer, trainer.loss_scaler, record),
+                       decreasing=config.run.eval_metric == 'loss', max_history=config.run.checkpoint_hist)
+    rows = _resumed_rows(config, run.start_epoch, output_dir, saver) if config.resumed else []
+    return Recorder(saver, output_dir, log_wandb=_init_wandb(config, exp_name, record), rows=rows)
+
+
+def _checkpoint_epoch(path: str) -> Optional[int]:
+    epoch = (read_checkpoint_meta(path) or {}).get('epoch')
+    return epoch if isinstance(epoch, int) else None
+
+
+def _resumed_rows(config: TrainConfig, start_epoch: int, output_dir: str, saver: EpochSaver) -> list:
+    """A resumed run's folder made consistent with its checkpoint: what a kill left half-done removed, later epochs
+    moved aside, the checkpoint history completed, ``summary.csv`` rewritten from the rows the checkpoint holds
+    (older checkpoints: the file's rows before the start). Returns the rows."""
+    path, summary = config.resumed.path, os.path.join(output_dir, 'summary.csv')
+    content = read_checkpoint_meta(path) or {}
+    in_place, aside = _resumes_in(config, output_dir), None
+    if in_place:
+        remove_stale_tmp(output_dir)
+        if isinstance(content.get('epoch'), int):
+            aside = supersede_later_epochs(output_dir, content['epoch'], _checkpoint_epoch)
+    rows = content.get(SUMMARY_KEY)
+    if rows is None:
+        rows = read_summary_rows(summary) if in_place else []
+    rows = [r for r in rows if int(float(r['epoch'])) < start_epoch]
+    if rows or os.path.exists(summary):
+        write_summary(summary, rows, keep_dir=aside)
+    if in_place:
+        saver.restore(path, content)
+    return rows
+
+
+def _write_run_files(config: TrainConfig, run: TrainingRun, output_dir: str) -> None:
+    """``args.yaml`` (a resumed run keeps the run's; options it changes are recorded in ``args-resume-<epoch>.yaml``)
+    and the class map."""
+    changes = config.resumed.changes if config.resumed else ()
+    if not _resumes_in(config, output_dir):
+        _write_text(os.path.join(output_dir, 'args.yaml'), config.record_text)
+    elif changes:
+        name = os.path.join(output_dir, f'args-resume-{run.start_epoch}.yaml')
+        _write_text(name, f'# resumed at epoch {run.start_epoch} with: {"; ".join(changes)}\n{config.record_text}')
+        _logger.warning(f'Resumed with {"; ".join(changes)} from epoch {run.start_epoch} on; recorded in {name}.')
+    if run.class_to_idx:
+        write_class_map(run.class_to_idx, output_dir)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _init_wandb(config: TrainConfig, exp_name: str, record: argparse.Namespace) -> bool:

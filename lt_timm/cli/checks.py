@@ -3,19 +3,24 @@
 * :func:`check_args` — LossTransform's flags (``train.py`` and the launcher);
 * :func:`check_loop_args` / :func:`resolve_model_dtype` — ``train.py``'s training loop and ``--model-dtype``;
 * :func:`check_launch_args` — what ``python -m lt_timm.launch`` cannot run (reported through the script's parser);
-* :func:`check_detection_args` / :func:`check_match_args` — ``train_detection.py``.
+* :func:`check_detection_args` / :func:`check_match_args` — ``train_detection.py``;
+* :func:`check_resumed_flags` / :func:`resumed_changes` / :func:`resumed_folder` — ``--resume`` against the run it
+  continues: the options that define the experiment (every option but :data:`RESUME_FREE` and
+  :data:`RESUME_RECOVERY`) must be the run's, ``--resume FILE`` continues in FILE's run folder.
 """
 import math
-from typing import Any, Callable, Optional
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import UserError
 from ..layout import EPOCH_MODES
-from .flags import LAUNCH_LOSSES
+from .flags import LAUNCH_LOSSES, LT_ARG_DEFAULTS
 
 __all__ = ['check_args', 'check_loop_args', 'resolve_model_dtype', 'check_launch_args', 'check_detection_args',
-           'check_match_args', 'check_augment_args', 'anchor_size_entries']
+           'check_match_args', 'check_augment_args', 'anchor_size_entries', 'RESUME_FREE', 'RESUME_RECOVERY',
+           'check_resumed_flags', 'resumed_changes', 'resumed_folder', 'lr_base_scale_rule']
 
 
 def check_args(args: Any) -> None:
@@ -40,6 +45,19 @@ def check_args(args: Any) -> None:
         raise ValueError(
             f'--aug-repeats {int(aug_repeats)} is larger than the batch size {batch_size}; all replicas of an image '
             f'must fit in one batch: raise -b or lower --aug-repeats.')
+    _check_mixup_batch(args, batch_size, int(aug_repeats) if original else 1)
+
+
+def _check_mixup_batch(args: Any, batch_size: Optional[int], rows_per_image: int) -> None:
+    """timm's Mixup / FastCollateMixup pair row i with row B-1-i and assert an even batch: refuse an odd one before
+    anything is built (timm stops with an AssertionError at the first step, after making the run folder)."""
+    mixing = (getattr(args, 'mixup', 0) or 0) > 0 or (getattr(args, 'cutmix', 0) or 0) > 0 \
+        or getattr(args, 'cutmix_minmax', None) is not None
+    rows = (batch_size or 0) * max(rows_per_image, 1)
+    if mixing and rows % 2:
+        per = f' (-b {batch_size} images x --aug-repeats {rows_per_image})' if rows_per_image > 1 else ''
+        raise ValueError(f'--mixup/--cutmix need an even number of rows per step (timm mixes row i with row B-1-i), '
+                         f'got {rows}{per}; pass an even -b/--batch-size.')
 
 
 def check_loop_args(args: Any) -> None:
@@ -160,3 +178,106 @@ def anchor_size_entries(values: Any, error: Callable[[str], None]) -> Optional[l
             error(f'anchor_sizes entries are sizes or lists of sizes (integers), got {v!r}')
         out.append(v if isinstance(v, int) else tuple(v))
     return out
+
+
+# ---------------------------------------------------------------- --resume against the run it continues
+
+# Options that cannot change what a resumed run computes (paths, performance, logging): they may differ on --resume.
+RESUME_FREE = (
+    # paths (the data's content is compared instead: classes, class map, image counts)
+    'config', 'data', 'data_dir', 'train_split', 'val_split', 'class_map', 'output', 'experiment', 'resume',
+    'initial_checkpoint', 'pretrained_path', 'dataset_download', 'dataset_trust_remote_code',
+    # where and how fast it runs
+    'device', 'device_modules', 'dist_backend', 'dist_url', 'local_rank', 'workers', 'pin_mem', 'channels_last',
+    'torchcompile', 'torchcompile_mode', 'grad_checkpointing', 'fast_norm', 'synchronize_step',
+    'validation_batch_size',
+    # what it logs and keeps
+    'log_interval', 'recovery_interval', 'checkpoint_hist', 'save_images', 'log_wandb', 'wandb_project', 'wandb_tags',
+    'wandb_resume_id', 'no_plot', 'check_loss_every_step', 'check_images',
+)
+# Options a resumed run may change on purpose (the divergence error names --lr and --clip-grad): applied from the
+# resumed epoch on, logged, and recorded in the run folder (args-resume-<epoch>.yaml).
+RESUME_RECOVERY = ('lr', 'clip_grad', 'clip_mode', 'no_resume_opt', 'start_epoch')
+
+
+def lr_base_scale_rule(scale: str, opt: str) -> str:
+    """timm's ``--lr-base-scale`` as it applies: given, else ``sqrt`` for ada*/lamb optimizers, else ``linear``."""
+    return scale or ('sqrt' if any(o in (opt or '').lower() for o in ('ada', 'lamb')) else 'linear')
+
+
+def _same(a: Any, b: Any) -> bool:
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    return norm(a) == norm(b)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(str, value)) or '[]'
+    return str(value)
+
+
+def _resumed_value(saved: Any, dest: str, missing: Any) -> Any:
+    """The run's value of ``dest``: its checkpoint's args, else lt-timm's default for LossTransform's options (a
+    checkpoint of stock timm), else ``missing``."""
+    if hasattr(saved, dest):
+        return getattr(saved, dest)
+    return LT_ARG_DEFAULTS.get(dest, missing)
+
+
+def _differences(args: Any, saved: Any, flags: Dict[str, str]) -> List[str]:
+    missing = object()
+    out = []
+    for dest, flag in flags.items():
+        if dest in RESUME_FREE or dest in RESUME_RECOVERY:
+            continue
+        old, new = _resumed_value(saved, dest, missing), getattr(args, dest, missing)
+        if old is missing or new is missing or (dest == 'num_classes' and new is None):
+            continue  # the run's num_classes is its dataset's when not given (the data is compared instead)
+        if dest == 'lr_base_scale':  # '' = timm's rule for the optimizer (which is compared itself)
+            run_opt = getattr(saved, 'opt', '')
+            old, new = lr_base_scale_rule(old, run_opt), lr_base_scale_rule(new, run_opt)
+        if not _same(old, new):
+            out.append(f'{flag} {_show(new)} (the run: {_show(old)})')
+    old_ws, new_ws = getattr(saved, 'world_size', None), getattr(args, 'world_size', None)
+    if old_ws is not None and new_ws is not None and old_ws != new_ws:
+        out.append(f'{new_ws} processes (the run: {old_ws}; torchrun --nproc_per_node)')
+    return out
+
+
+def check_resumed_flags(args: Any, saved: Any, flags: Dict[str, str]) -> None:
+    """``--resume``: every option that defines the experiment (``flags``: dest -> flag, minus :data:`RESUME_FREE`
+    and :data:`RESUME_RECOVERY`) and the number of processes must be the run's (``saved``: its checkpoint's args);
+    one error names each difference, the run's value and the way forward."""
+    diffs = _differences(args, saved, flags)
+    if diffs:
+        raise UserError(f'--resume {args.resume} continues a run, but this command changes what defines it: '
+                        f'{"; ".join(diffs)}. Drop these flags (or use the run\'s values, see its args.yaml), or start '
+                        f'a new run from these weights with --initial-checkpoint {args.resume}.')
+
+
+def resumed_changes(args: Any, saved: Any, flags: Dict[str, str]) -> Tuple[str, ...]:
+    """The :data:`RESUME_RECOVERY` options this resume changes, as ``'--flag new (the run: old)'``."""
+    missing = object()
+    out = []
+    for dest in RESUME_RECOVERY:
+        old, new = _resumed_value(saved, dest, None), getattr(args, dest, missing)
+        if new is not missing and not _same(old, new) and dest in flags:
+            out.append(f'{flags[dest]} {_show(new)} (the run: {_show(old)})')
+    return tuple(out)
+
+
+def resumed_folder(resume: str, output: str, experiment: str, default_output: str) -> str:
+    """The run folder ``--resume FILE`` continues in: FILE's folder when it is a run folder (it holds
+    ``args.yaml``), else '' (a new folder, as timm). ``--output`` / ``--experiment`` naming another folder is
+    refused."""
+    folder = os.path.dirname(os.path.abspath(resume))
+    if not os.path.isfile(os.path.join(folder, 'args.yaml')):
+        return ''
+    if experiment:
+        target = os.path.abspath(os.path.join(output or default_output, experiment))
+    else:
+        target = folder if not output else os.path.join(os.path.abspath(output), os.path.basename(folder))
+    if target != folder:
+        raise UserError(f'--resume {resume} continues its run in {folder}, but --output/--experiment name {target}; '
+                        f'drop them, or start a new run there from these weights with --initial-checkpoint {resume}.')
+    return folder

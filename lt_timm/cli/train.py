@@ -6,9 +6,11 @@ is written from it) and :func:`resolve` (integer repeats, prefetcher, device and
 off under ``--sync-bn``); below it the run reads typed settings only.
 """
 import argparse
+import functools
 import importlib
 import logging
-from typing import List, Optional, Tuple
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -18,15 +20,20 @@ from timm.scheduler import scheduler_kwargs
 
 from ..builders import TRAIN_DATASET_OPTIONS, available_device
 from ..config import (DataOptions, EmaOptions, LoaderOptions, LoopOptions, MixupOptions, ModelOptions, OptimOptions,
-                      Precision, Ranks, RunOptions, TrainConfig, settings_from)
+                      Precision, Ranks, ResumePoint, RunOptions, TrainConfig, settings_from)
 from ..data import IMAGE_CHECKS
+from ..errors import UserError
+from ..modeling import read_checkpoint_args
 from ..registry import LossOptions
-from .checks import check_args, check_loop_args, resolve_model_dtype
+from ..run_dir import DEFAULT_OUTPUT
+from .checks import (check_args, check_loop_args, check_resumed_flags, lr_base_scale_rule, resolve_model_dtype,
+                     resumed_changes, resumed_folder)
 from .flags import add_losstransform_args, add_shared_options
 from .parity import COMPUTED_KEYS, add_refused_options, check_refused
 from .recipe import add_config_option, parse_with_recipe
 
-__all__ = ['build_parser', 'parse_args', 'resolve', 'parse_config', 'resolve_dist_bn', 'DATA_CONFIG_KEYS']
+__all__ = ['build_parser', 'parse_args', 'resolve', 'parse_config', 'resolve_dist_bn', 'option_flags',
+           'DATA_CONFIG_KEYS']
 
 _logger = logging.getLogger('train')
 
@@ -210,7 +217,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
 
 def resolve(args: argparse.Namespace, args_text: str = '') -> TrainConfig:
     """The one step from parsed flags to the run's settings: checks, ``--device-modules`` imported, the device and
-    the DDP ranks (timm's ``init_distributed_device``), timm's lr rule; returns the typed config."""
+    the DDP ranks (timm's ``init_distributed_device``), ``--resume`` against its run, timm's lr rule; returns the
+    typed config."""
     check_args(args)
     for module in args.device_modules or []:
         importlib.import_module(module)
@@ -219,9 +227,10 @@ def resolve(args: argparse.Namespace, args_text: str = '') -> TrainConfig:
     check_loop_args(args)
     model_dtype = resolve_model_dtype(args.model_dtype, args.amp)
     _resolve_device(args)
-    _resolve_lr(args)
     args.dist_bn = resolve_dist_bn(args.dist_bn, args.sync_bn, args.distributed)
-    return _train_config(args, args_text, model_dtype)
+    resumed = _resolve_resume(args)
+    _resolve_lr(args)
+    return _train_config(args, args_text, model_dtype, resumed)
 
 
 def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
@@ -243,21 +252,47 @@ def _resolve_device(args: argparse.Namespace) -> None:
         _logger.info(f'Training in distributed mode: process {args.rank}/{args.world_size}, device {args.device}.')
 
 
+@functools.lru_cache(maxsize=1)
+def option_flags() -> Dict[str, str]:
+    """dest -> the flag(s) as the user types them (``-b/--batch-size``), for every option of the parser."""
+    return {a.dest: '/'.join(a.option_strings) or a.dest for a in build_parser()[1]._actions if a.dest != 'help'}
+
+
+def _resolve_resume(args: argparse.Namespace) -> Optional[ResumePoint]:
+    """``--resume``: the checkpoint's run is compared with this command (the experiment's options must be the run's;
+    :func:`~lt_timm.cli.checks.check_resumed_flags`), a resumed run keeps its lr unless ``--lr`` is given, and
+    continues in the checkpoint's run folder."""
+    if not args.resume:
+        return None
+    if not os.path.isfile(args.resume):
+        raise UserError(f'--resume checkpoint {args.resume} not found; pass the last.pth.tar of the run to continue.')
+    saved = read_checkpoint_args(args.resume)
+    if saved is None:  # not a train.py/timm checkpoint: nothing to compare (a bad file is named when it is loaded)
+        return ResumePoint(path=args.resume)
+    if args.lr is None and getattr(saved, 'lr', None) is not None:
+        args.lr = saved.lr  # the run's own (timm's rule gave it from its --lr-base and global batch)
+    check_resumed_flags(args, saved, option_flags())
+    folder = resumed_folder(args.resume, args.output, args.experiment, DEFAULT_OUTPUT)
+    return ResumePoint(path=args.resume, folder=folder, class_to_idx=dict(getattr(saved, 'class_to_idx', None) or {}),
+                       train_images=getattr(saved, 'train_images', None),
+                       eval_images=getattr(saved, 'eval_images', None), lr=getattr(saved, 'lr', None),
+                       changes=resumed_changes(args, saved, option_flags()))
+
+
 def _resolve_lr(args: argparse.Namespace) -> None:
-    """timm's rule: without --lr, scale --lr-base by the global batch size."""
+    """timm's rule: without --lr, scale --lr-base by the global batch size (``--lr-base-scale`` is kept as given: a
+    resumed run compares it)."""
     if args.lr is not None:
         return
     global_batch_size = args.batch_size * args.world_size * max(1, getattr(args, 'grad_accum_steps', 1))
     batch_ratio = global_batch_size / args.lr_base_size
-    if not args.lr_base_scale:
-        on = args.opt.lower()
-        args.lr_base_scale = 'sqrt' if any(o in on for o in ('ada', 'lamb')) else 'linear'
-    if args.lr_base_scale == 'sqrt':
+    scale = lr_base_scale_rule(args.lr_base_scale, args.opt)
+    if scale == 'sqrt':
         batch_ratio = batch_ratio ** 0.5
     args.lr = args.lr_base * batch_ratio
     if utils.is_primary(args):
         _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) '
-                     f'and effective global batch size ({global_batch_size}) with {args.lr_base_scale} scaling.')
+                     f'and effective global batch size ({global_batch_size}) with {scale} scaling.')
 
 
 def _in_chans(args: argparse.Namespace) -> int:
@@ -273,7 +308,8 @@ def _loss_options(args: argparse.Namespace, mixup_active: bool) -> LossOptions:
         detach_consensus=args.lt_detach, reverse_kl=args.lt_reverse_kl)
 
 
-def _train_config(args: argparse.Namespace, args_text: str, model_dtype: Optional[torch.dtype]) -> TrainConfig:
+def _train_config(args: argparse.Namespace, args_text: str, model_dtype: Optional[torch.dtype],
+                  resumed: Optional[ResumePoint] = None) -> TrainConfig:
     """The resolved flags as typed settings."""
     ranks = settings_from(Ranks, args)
     in_chans = _in_chans(args)
@@ -295,4 +331,4 @@ def _train_config(args: argparse.Namespace, args_text: str, model_dtype: Optiona
         ema=settings_from(EmaOptions, args),
         run=settings_from(RunOptions, args),
         loop=settings_from(LoopOptions, args, ranks=ranks, plot_title=f'{args.model} --loss {args.loss}'),
-        seed=args.seed, fast_norm=args.fast_norm, record=args, record_text=args_text)
+        seed=args.seed, fast_norm=args.fast_norm, record=args, record_text=args_text, resumed=resumed)
