@@ -91,13 +91,16 @@ def dataset_options(dataset: str, values: Mapping[str, Any], table, is_training:
     return out
 
 
-def open_dataset(data: DataOptions, root: str, split: str, is_training: bool, extra: dict, class_map=None):
-    """lt-timm's checked dataset (:func:`~lt_timm.data.load_folder_dataset`), or timm's ``create_dataset`` as is
-    when timm's iterable/HF dataset options (``extra``) are given."""
+def open_dataset(data: DataOptions, root: str, split: str, is_training: bool, extra: dict, class_map=None,
+                 split_flag: str = '--split', allow_root: bool = False):
+    """lt-timm's checked dataset (:func:`~lt_timm.data.load_folder_dataset`: a missing split folder is refused,
+    ``split_flag`` named; ``allow_root`` reads a root of class folders as the split), or timm's ``create_dataset`` as
+    is when timm's iterable/HF dataset options (``extra``) are given."""
     opts = dict(input_img_mode=data.input_img_mode, batch_size=data.batch_size, seed=data.seed,
                 download=data.dataset_download)
     if not extra:
-        return load_folder_dataset(data.dataset, root, split, is_training, class_map=class_map, **opts)
+        return load_folder_dataset(data.dataset, root, split, is_training, class_map=class_map, split_flag=split_flag,
+                                   allow_root=allow_root, **opts)
     try:
         return timm.data.create_dataset(data.dataset, root=root, split=split, is_training=is_training,
                                         class_map=class_map or '', **opts, **extra)
@@ -120,9 +123,11 @@ def open_datasets(data: DataOptions, ranks: Ranks):
     root = _training_root(data)
     train_extra = dataset_options(data.dataset, data.extras, TRAIN_DATASET_OPTIONS, True)
     eval_extra = dataset_options(data.dataset, data.extras, TRAIN_DATASET_OPTIONS, False)
-    dataset_train = open_dataset(data, root, data.train_split, True, train_extra, class_map=data.class_map)
+    dataset_train = open_dataset(data, root, data.train_split, True, train_extra, class_map=data.class_map,
+                                 split_flag='--train-split')
     class_to_idx = class_to_idx_of(dataset_train)
-    dataset_eval = open_dataset(data, root, data.val_split, False, eval_extra, class_map=class_to_idx or data.class_map)
+    dataset_eval = open_dataset(data, root, data.val_split, False, eval_extra, class_map=class_to_idx or data.class_map,
+                                split_flag='--val-split')
     if ranks.is_primary:
         paths = [p for ds in (dataset_train, dataset_eval)
                  for p, _ in getattr(getattr(ds, 'reader', None), 'samples', [])]

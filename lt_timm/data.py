@@ -9,6 +9,9 @@
 * **One class map.** The training split's ``class_to_idx`` defines the labels; :func:`load_folder_dataset` with
   ``class_map=<that dict>`` maps another split onto it (a split missing some classes is fine) and refuses a split with
   classes the training split does not have, by name. The map is saved with the run and used by ``validate.py``.
+* **Splits that exist.** A split folder that is not there is an error naming the folders that are (timm reads the
+  whole data root instead, so a mistyped ``--val-split`` would train on the validation images); ``validate.py`` still
+  reads a root whose sub-folders are class folders (``--data-dir imagenet/val``) as timm does.
 """
 import logging
 import os
@@ -21,12 +24,15 @@ from timm.data import ImageDataset, create_dataset
 from .errors import UserError
 
 __all__ = ['load_folder_dataset', 'StrictImageDataset', 'check_images', 'class_to_idx_of', 'write_class_map',
-           'read_class_map', 'IMAGE_CHECKS']
+           'read_class_map', 'find_split_folder', 'IMAGE_CHECKS']
 
 _logger = logging.getLogger(__name__)
 
 IMAGE_CHECKS = ('header', 'decode', 'none')
 CLASS_MAP_FILE = 'class_map.txt'
+# timm's split synonyms (timm.data.dataset_factory): a split named by one of them finds a folder named by another
+_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+_IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
 def _unreadable(path: str, e: BaseException) -> UserError:
@@ -119,6 +125,37 @@ def read_class_map(folder: str) -> Optional[Dict[str, int]]:
         return {line.rstrip('\n'): i for i, line in enumerate(f) if line.strip()}
 
 
+def find_split_folder(root: str, split: str) -> Optional[str]:
+    """The folder timm's ``create_dataset`` reads for ``split`` of the ImageFolder ``root`` (``<root>/<split>``, else
+    a timm synonym: ``validation`` finds ``val``), or None when there is none (timm then reads ``root`` itself)."""
+    name = split.split('[')[0]
+    candidates = [name] + [s for group in _SPLIT_SYNONYMS if name in group for s in group]
+    return next((os.path.join(root, c) for c in candidates if os.path.exists(os.path.join(root, c))), None)
+
+
+def _holds_class_folders(root: str, folders: List[str]) -> bool:
+    """True when a sub-folder of ``root`` holds images itself: ``root`` is one split (class folders), not a root of
+    splits."""
+    for d in folders:
+        with os.scandir(os.path.join(root, d)) as it:
+            if any(e.is_file() and e.name.lower().endswith(_IMAGE_SUFFIXES) for e in it):
+                return True
+    return False
+
+
+def _check_split(root: str, split: str, split_flag: str, allow_root: bool) -> None:
+    """A split folder that does not exist is an error naming the folders that do (a documented difference from
+    timm, which falls back to the whole root); with ``allow_root`` a root of class folders is read as the split."""
+    if find_split_folder(root, split) is not None:
+        return
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if allow_root and _holds_class_folders(root, folders):
+        _logger.info(f'{root} has no {split!r} folder; its class folders are read as the split (as timm does).')
+        return
+    raise UserError(f'split {split!r} not found in {root}, which holds {folders}; pass the split\'s folder with '
+                    f'{split_flag} (timm would read all of {root} instead, mixing its splits).')
+
+
 def _create(name, root, split, is_training, class_map, batch_size, seed, input_img_mode, download):
     try:
         return create_dataset(name, root=root, split=split, is_training=is_training, class_map=class_map or '',
@@ -138,18 +175,23 @@ def load_folder_dataset(
         batch_size: int = 1,
         seed: int = 42,
         download: bool = False,
+        split_flag: str = '--split',
+        allow_root: bool = False,
 ):
     """``timm.data.create_dataset`` with lt-timm's checks; folder datasets become :class:`StrictImageDataset`.
 
     Args:
         class_map: ``{class name: label}`` of the run (the training split's), or a timm class-map file; a split
             whose classes are a subset is mapped onto it, a split with other classes is refused by name.
+        split_flag: the flag that names ``split`` (in the error when its folder is missing).
+        allow_root: read a root of class folders as the split when it has no ``split`` folder (``validate.py``).
     """
     if not name:
         split_dirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))] if os.path.isdir(root) else []
         if not split_dirs:
             raise UserError(f'dataset folder {root} has no sub-folders; expected an ImageFolder with a training '
                             f'split (train/) and a validation split (e.g. val/), one folder per class inside.')
+        _check_split(root, split, split_flag, allow_root)
     args = (name, root, split, is_training)
     opts = dict(batch_size=batch_size, seed=seed, input_img_mode=input_img_mode, download=download)
     own_map = isinstance(class_map, dict)

@@ -96,7 +96,8 @@ def _eval_dataset(config: ValidateConfig, root: str, run_map, seed_first: bool =
     extra = dataset_options(config.data.dataset, config.data.extras, VALIDATE_DATASET_OPTIONS, False)
     if seed_first:
         utils.random_seed(config.seed)
-    return open_dataset(config.data, root, config.split, False, extra, class_map=config.data.class_map or run_map)
+    return open_dataset(config.data, root, config.split, False, extra, class_map=config.data.class_map or run_map,
+                        allow_root=True)
 
 
 def load_eval_checkpoint(model: nn.Module, path: str, use_ema: bool, model_name: str, num_classes: int) -> None:
