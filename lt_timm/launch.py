@@ -38,15 +38,25 @@ guard's checks: :class:`lt_timm.launch_state.LaunchState`):
   without LossTransform.
 
 Every patch is undone when the run ends (:meth:`LaunchState.close`).
+
+The launcher's own errors are one line (``lt_timm.launch: error: ...``) and exit 2: a hook it cannot install, a
+refused step, the flags it checks, lt-timm's sampler and loader, a ``-c`` YAML the script cannot read, a DDP process
+that stops; Ctrl-C exits 130 and SIGTERM 143, with the command that resumes the run when it saved a checkpoint.
 """
 import argparse
+import glob
 import importlib.util
 import inspect
 import os
+import shlex
 import sys
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import yaml
+
 from .cli.flags import LT_ARG_DEFAULTS, LT_OPTIONS
+from .errors import STOP_EXIT_CODES, Terminated, UserError, sigterm_raises
 from .launch_hooks import HOOKS
 from .launch_state import LaunchError, LaunchState, TrainingTask, script_name, timm_version
 
@@ -172,17 +182,73 @@ _USAGE = ('usage: python -m lt_timm.launch PATH/TO/train.py [timm flags] --loss 
           'Runs an unmodified timm training script with LossTransform; `PATH/TO/train.py --help` lists all flags.')
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, 'problem_mark', None)
+    where = f'{mark.name} line {mark.line + 1}' if mark is not None else 'the -c config'
+    return (f'{where} is not valid YAML ({getattr(e, "problem", None) or e}); fix the file (YAML tags such as '
+            f'!!python are refused: a recipe never runs code).')
+
+
+def _last_checkpoint(args, started: float) -> Optional[str]:
+    """The ``last.pth.tar`` this run wrote (timm's script: in ``<output>/<experiment>``, or a new folder under
+    ``--output``), or None."""
+    output = getattr(args, 'output', '') or './output/train'
+    folders = [os.path.join(output, args.experiment)] if getattr(args, 'experiment', '') else \
+        [output] + glob.glob(os.path.join(output, '*'))
+    lasts = [os.path.join(d, 'last.pth.tar') for d in folders]
+    lasts = [p for p in lasts if os.path.isfile(p) and os.path.getmtime(p) >= started]
+    return max(lasts, key=os.path.getmtime) if lasts else None
+
+
+def _stopped(e: BaseException, argv: List[str], started: float) -> Tuple[str, int]:
+    """The line for a run stopped by a signal or a lost DDP process, with the command that resumes it."""
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        what = 'stopped by Ctrl-C (SIGINT)' if isinstance(e, KeyboardInterrupt) else 'stopped by SIGTERM'
+        code = STOP_EXIT_CODES[type(e).__name__]
+    else:
+        what, code = f'a process of this DDP run was lost ({str(e).strip().splitlines()[0][:160]})', 2
+    state = getattr(sys.modules.get(_SCRIPT_MODULE_NAME), '_lt_timm_state', None)
+    last = _last_checkpoint(state.args, started) if state is not None and state.args is not None else None
+    if last is None:
+        return f'{what}; no checkpoint was saved yet: start again.', code
+    args = [a for i, a in enumerate(argv) if a != '--resume' and (i == 0 or argv[i - 1] != '--resume')]
+    command = shlex.join(['python', '-m', 'lt_timm.launch', *args, '--resume', last])
+    return f'{what}; {last} holds the last saved epoch; to continue: {command}', code
+
+
+def _lost_a_process(e: RuntimeError) -> bool:
+    text = str(e)
+    return any(s in text for s in ('Connection closed by peer', 'Connection reset by peer', 'gloo', 'NCCL'))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
         print(_USAGE)
         return 0 if argv else 2
+    started = time.time()
     try:
-        run_script(argv[0], argv[1:])
-    except LaunchError as e:
-        print(f'lt_timm.launch: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+        with sigterm_raises():
+            run_script(argv[0], argv[1:])
+        return 0
+    except (LaunchError, UserError, yaml.YAMLError, KeyboardInterrupt, Terminated, RuntimeError) as e:
+        message, code = _problem(e, argv, started)
+        if message is None or os.environ.get('LT_TIMM_DEBUG'):
+            raise
+    print(f'lt_timm.launch: error: {message}', file=sys.stderr, flush=True)
+    return code
+
+
+def _problem(e: BaseException, argv: List[str], started: float) -> Tuple[Optional[str], int]:
+    """The one line the launcher says about ``e`` and the exit status; ``(None, 1)`` for errors it leaves as they
+    are (the script's own)."""
+    if isinstance(e, yaml.YAMLError):
+        return _yaml_problem(e), 2
+    if isinstance(e, (LaunchError, UserError)):
+        return str(e), 2
+    if isinstance(e, (KeyboardInterrupt, Terminated)) or _lost_a_process(e):
+        return _stopped(e, argv, started)
+    return None, 1
 
 
 if __name__ == '__main__':

@@ -116,6 +116,8 @@ def hook_loader(state: LaunchState) -> None:
         state.in_lt_loader += 1
         try:
             loader = lt_create_loader(**kwargs)
+        except ValueError as e:  # lt-timm's grouped sampler / loader checks: one line, not a traceback
+            raise LaunchError(str(e)) from None
         finally:
             state.in_lt_loader -= 1
         if kwargs.get('is_training', False) and (kwargs.get('num_aug_repeats', 0) or 0):
