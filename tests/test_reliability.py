@@ -201,17 +201,17 @@ def test_lock_held_by_a_live_process_refuses_a_second_writer(finished_run, tmp_p
     data, out = finished_run[0], tmp_path / 'out'
     copy_run(finished_run, out)
     sleeper = subprocess.Popen(['sleep', '60'])
+    resume = ['--epochs', '2', '--resume', out / 'r' / 'checkpoint-0.pth.tar']
     try:
         (out / 'r' / '.lock').write_text(str(sleeper.pid))
-        p = train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar', check=False)  # a process
+        p = train(data, out, *resume, check=False)  # a process
         assert_clean_failure(p, f'another run (pid {sleeper.pid})')
     finally:
         sleeper.kill()
         sleeper.wait()
-    p = train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar',
-              via=in_process)  # stale lock: taken over
+    p = train(data, out, *resume, via=in_process)  # stale lock: taken over
     assert 'taking over the lock' in p.stdout + p.stderr
-    assert [int(r['epoch']) for r in read_summary(out / 'r' / 'summary.csv')] == [0, 1, 2]
+    assert [int(r['epoch']) for r in read_summary(out / 'r' / 'summary.csv')] == [0, 1]
 
 
 def test_summary_rows_are_timms_then_ours_and_stay_aligned(tmp_path):
@@ -237,14 +237,18 @@ def test_summary_rows_are_timms_then_ours_and_stay_aligned(tmp_path):
 
 
 def test_resume_drops_summary_rows_past_the_checkpoint(finished_run, tmp_path, in_process):
-    """A kill between the checkpoint and its summary row (or the reverse) never leaves an epoch twice."""
+    """A row with no checkpoint (an edit, or a file of an older lt-timm) is dropped on --resume: the rows are the
+    checkpoint's; the file as it was is kept beside it."""
     data, out = finished_run[0], tmp_path / 'out'
     copy_run(finished_run, out)
     summary = out / 'r' / 'summary.csv'
     lines = summary.read_text().splitlines()
     summary.write_text('\n'.join(lines + [lines[-1].replace('1,', '2,', 1)]) + '\n')  # a row with no checkpoint
-    train(data, out, '--epochs', '3', '--resume', out / 'r' / 'last.pth.tar', via=in_process)
-    assert [int(r['epoch']) for r in read_summary(summary)] == [0, 1, 2]
+    train(data, out, '--epochs', '2', '--resume', out / 'r' / 'last.pth.tar', via=in_process)
+    assert [int(r['epoch']) for r in read_summary(summary)] == [0, 1]
+    assert summary.read_text() == '\n'.join(lines) + '\n'
+    kept = (out / 'r' / 'summary.csv.before-resume').read_text().splitlines()
+    assert kept == lines + [lines[-1].replace('1,', '2,', 1)]
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
@@ -334,14 +338,21 @@ def test_bad_values_fail_before_training(tmp_path, extra, needles, in_process):
     assert not list((tmp_path / 'out').rglob('*.pth.tar'))
 
 
-def test_lr_with_resume_is_refused_not_ignored(finished_run, tmp_path, in_process):
+def test_lr_with_resume_is_applied_not_ignored(finished_run, tmp_path, in_process):
+    """--lr on --resume (what the divergence error advises) takes effect from the resumed epoch on, and is recorded
+    (timm's resume would silently keep the checkpoint's lr)."""
     data, out = finished_run[0], tmp_path / 'out'
-    last = copy_run(finished_run, out) / 'last.pth.tar'
-    lr = torch.load(last, map_location='cpu', weights_only=False)['args'].lr  # the run's (from --lr-base: 0.0046875)
+    run_dir = copy_run(finished_run, out)
+    before = read_summary(run_dir / 'summary.csv')
+    lr = torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=False)['args'].lr  # from --lr-base
     assert lr != 0.5
-    p = train(data, out, '--lr', '0.5', '--epochs', '3', '--resume', last, check=False, via=in_process)
-    assert_clean_failure(p, '--lr 0.5 differs', f"resumed run's lr {lr}")
-    train(data, out, '--lr', lr, '--epochs', '3', '--resume', last, via=in_process)  # same lr: fine
+    train(data, out, '--lr', '0.5', '--epochs', '2', '--resume', run_dir / 'checkpoint-0.pth.tar', via=in_process)
+    after = read_summary(run_dir / 'summary.csv')
+    assert after[0] == before[0]
+    assert float(after[1]['lr']) == pytest.approx(float(before[1]['lr']) * 0.5 / lr)  # cosine at epoch 1, new base
+    record = (run_dir / 'args-resume-1.yaml').read_text()
+    assert record.startswith(f'# resumed at epoch 1 with: --lr 0.5 (the run: {lr})')
+    assert torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=False)['args'].lr == 0.5
 
 
 # ---------------------------------------------------------------- exact resume with augmentation and a worker
@@ -367,3 +378,193 @@ def test_killed_run_with_augmentation_resumes_exactly(tmp_path):
         e = int(row['epoch'])
         for key in ('train_loss', 'train_loss_consistency', 'eval_loss', 'eval_top1'):
             assert float(resumed[e][key]) == pytest.approx(float(row[key]), rel=1e-6, abs=1e-7), (e, key)
+
+
+# ---------------------------------------------------------------- --resume continues the same experiment
+
+def error_line(p) -> str:
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith('error: ')]
+    assert len(lines) == 1, p.stderr[-2000:]
+    return lines[0]
+
+
+def test_resume_that_changes_the_experiment_is_one_error_naming_each_flag(finished_run, tmp_path, in_process):
+    """Each differing option with its old and new value in one error, args.yaml untouched; both ways forward it
+    names work when followed: drop the flags (resume), or a new run from the weights (--initial-checkpoint)."""
+    data, out = finished_run[0], tmp_path / 'out'
+    run_dir = copy_run(finished_run, out)
+    last, args_yaml = run_dir / 'last.pth.tar', (run_dir / 'args.yaml').read_text()
+    changes = ['--loss', 'losstransform', '--aug-repeats', '3', '--lt-epoch', 'full', '--lt-rho', '0.5', '--seed', '7',
+               '--smoothing', '0.2', '--hflip', '0']
+    p = train(data, out, '--epochs', '2', '--resume', last, *changes, check=False, via=in_process)
+    line = error_line(p)
+    assert_clean_failure(p, '--loss losstransform (the run: ce)', '--aug-repeats 3 (the run: 0)',
+                         '--lt-epoch full (the run: v1)', '--lt-rho 0.5 (the run: 1.0)', '--seed 7 (the run: 42)',
+                         '--smoothing 0.2 (the run: 0.1)', '--hflip 0.0 (the run: 0.5)', 'Drop these flags',
+                         f'--initial-checkpoint {last}')
+    assert '--lr' not in line and '--epochs' not in line
+    assert (run_dir / 'args.yaml').read_text() == args_yaml
+    train(data, out, '--epochs', '2', '--resume', last, via=in_process)  # the flags dropped
+    p = train(data, out, '--epochs', '2', '--initial-checkpoint', last, *changes, via=in_process)  # a new run
+    assert 'writes to' in p.stdout + p.stderr and len(read_summary(out / 'r-1' / 'summary.csv')) == 2
+    assert 'loss: losstransform' in (out / 'r-1' / 'args.yaml').read_text()
+
+
+@pytest.mark.parametrize('extra,named', [(['-b', '6'], '-b/--batch-size 6 (the run: 12)'),
+                                         (['--opt', 'adamw'], '--opt adamw (the run: sgd)'),
+                                         (['--epochs', '3'], '--epochs 3 (the run: 2)')])
+def test_resume_with_another_batch_or_optimizer_names_that_flag_not_lr(finished_run, tmp_path, extra, named,
+                                                                        in_process):
+    """The lr a run derived from -b and --opt is not reported as a --lr the user did not give."""
+    data, out = finished_run[0], tmp_path / 'out'
+    last = copy_run(finished_run, out) / 'last.pth.tar'
+    p = train(data, out, '--epochs', '2', '--resume', last, *extra, check=False, via=in_process)
+    assert_clean_failure(p, named)
+    assert '--lr' not in error_line(p)
+
+
+def test_options_that_cannot_change_results_may_differ_on_resume(finished_run, tmp_path, in_process):
+    data, out = finished_run[0], tmp_path / 'out'
+    last = copy_run(finished_run, out) / 'last.pth.tar'
+    train(data, out, '--epochs', '2', '--resume', last, '--log-interval', '1', '--checkpoint-hist', '3',
+          '--check-images', 'none', '--pin-mem', '-vb', '4', '--workers', '1', '-c', '', via=in_process)
+
+
+def test_resume_on_other_data_is_refused_naming_the_classes(finished_run, tmp_path, in_process):
+    data, out = finished_run[0], tmp_path / 'out'
+    last = copy_run(finished_run, out) / 'last.pth.tar'
+    other = tmp_path / 'other'
+    shutil.copytree(data, other)
+    for split in ('train', 'val'):
+        (other / split / 'class2').rename(other / split / 'zebra')
+    p = train(other, out, '--epochs', '2', '--resume', last, check=False, via=in_process)
+    assert_clean_failure(p, "classes ['zebra'] are new and ['class2'] are missing", "on the run's data",
+                         f'--initial-checkpoint {last}')
+    assert (out / 'r' / 'class_map.txt').read_text().split() == ['class0', 'class1', 'class2']
+    train(other, out, '--epochs', '2', '--initial-checkpoint', last, via=in_process)  # the advice: a new run
+
+
+def test_resume_file_continues_in_its_own_folder(finished_run, tmp_path, in_process, monkeypatch):
+    """Without --output/--experiment, --resume FILE continues in FILE's folder (not ./output/train/<time>); an
+    earlier checkpoint moves the later epochs aside, saying so; --output naming another folder is refused."""
+    data, out = finished_run[0], tmp_path / 'out'
+    run_dir = copy_run(finished_run, out)
+    monkeypatch.chdir(tmp_path)
+    p = in_process('train.py', '--data-dir', data, *TRAIN, '-b', '12', '--epochs', '2', '--resume',
+                   run_dir / 'checkpoint-0.pth.tar')
+    assert 'were moved' not in p.stderr and 'moved to' in p.stdout + p.stderr
+    assert not (tmp_path / 'output').exists()
+    assert [int(r['epoch']) for r in read_summary(run_dir / 'summary.csv')] == [0, 1]
+    aside = run_dir / 'superseded-1'
+    assert sorted(f.name for f in aside.iterdir()) >= ['checkpoint-1.pth.tar', 'last.pth.tar']
+    assert torch.load(run_dir / 'checkpoint-1.pth.tar', map_location='cpu', weights_only=False)['epoch'] == 1
+    p = in_process('train.py', '--data-dir', data, *TRAIN, '-b', '12', '--epochs', '2', '--resume',
+                   run_dir / 'last.pth.tar', '--output', tmp_path / 'elsewhere', check=False)
+    assert_clean_failure(p, f'continues its run in {run_dir}', 'drop them')
+
+
+def test_divergence_advice_followed_resumes(tmp_path, in_process):
+    """'lower --lr ..., then --resume last.pth.tar': followed, the run resumes at the new lr and finishes."""
+    data = make_image_folder(tmp_path / 'd', classes=3, per_class=4)
+    out = tmp_path / 'out'
+    common = ('--data-dir', data, *RGB_FLAGS, '-b', '6', '--epochs', '3', '--warmup-epochs', '1',
+              '--warmup-lr', '0', '--output', out, '--experiment', 'boom')
+    p = in_process('train.py', *common, '--lr', '1e20', check=False)  # epoch 1's first step: weights ~1e19
+    last = out / 'boom' / 'last.pth.tar'
+    line = error_line(p)
+    assert 'diverged' in line and 'lower --lr' in line and f'then --resume {last}' in line
+    in_process('train.py', *common, '--lr', '0.01', '--resume', last)
+    rows = read_summary(out / 'boom' / 'summary.csv')
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2] and all(np.isfinite(float(r['train_loss'])) for r in rows)
+    assert 0 < float(rows[1]['lr']) <= 0.01  # the new lr's schedule, not 1e20's
+
+
+# ---------------------------------------------------------------- splits, folders, batches: one line each
+
+@pytest.mark.parametrize('flag', ['--train-split', '--val-split'])
+def test_missing_split_folder_names_the_folders_that_exist(tmp_path, flag, in_process):
+    """timm falls back to the whole data root (val images trained on); lt-timm refuses, naming the folders."""
+    data = make_image_folder(tmp_path / 'd')
+    p = train(data, tmp_path / 'out', flag, 'trian', check=False, via=in_process)
+    assert_clean_failure(p, "split 'trian' not found", "['train', 'val']", flag)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_validate_split_missing_is_refused_but_a_class_folder_root_is_read(tmp_path, in_process):
+    data = make_image_folder(tmp_path / 'd')
+    args = ['--model', 'test_resnet', '--img-size', '32', '--device', 'cpu', '-j', '0', '--num-classes', '3']
+    p = in_process('validate.py', '--data-dir', data, '--split', 'trian', *args, check=False)
+    assert_clean_failure(p, "split 'trian' not found", "['train', 'val']", '--split')
+    res = tmp_path / 'v.json'
+    in_process('validate.py', '--data-dir', data / 'val', *args, '--results-file', res)  # timm's `imagenet/val` use
+    assert json.loads(res.read_text())['top1'] >= 0
+
+
+def test_a_file_where_the_run_folder_should_be_is_one_line(tmp_path, in_process):
+    data = make_image_folder(tmp_path / 'd')
+    (tmp_path / 'file').write_text('x')
+    p = train(data, tmp_path / 'file', check=False, via=in_process)
+    assert_clean_failure(p, f'{tmp_path / "file"} is a file, not a folder', 'another --output')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'r').write_text('x')
+    p = train(data, tmp_path / 'out', check=False, via=in_process)
+    assert_clean_failure(p, f'{tmp_path / "out" / "r"} is a file', '--experiment')
+    train(data, tmp_path / 'out', experiment='r2', via=in_process)  # the advice: another --experiment
+
+
+@pytest.mark.parametrize('extra', [['-b', '5', '--mixup', '0.2'],
+                                   ['-b', '3', '--cutmix', '1.0', '--aug-repeats', '3', '--lt-epoch', 'original']])
+def test_odd_batch_with_mixup_is_refused_before_any_folder(tmp_path, extra, in_process):
+    data = make_image_folder(tmp_path / 'd')
+    p = train(data, tmp_path / 'out', *extra, check=False, via=in_process)
+    assert_clean_failure(p, '--mixup/--cutmix need an even number of rows per step', 'even -b/--batch-size')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_read_only_bind_mount_is_one_line(tmp_path, in_process):
+    data = make_image_folder(tmp_path / 'd')
+    src, ro = tmp_path / 'src', tmp_path / 'ro'
+    src.mkdir()
+    ro.mkdir()
+    if shutil.which('mount') is None or subprocess.run(['mount', '--bind', '-o', 'ro', src, ro],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip('cannot make a read-only bind mount here')
+    try:
+        p = train(data, ro / 'out', check=False, via=in_process)
+        assert_clean_failure(p, f'cannot make the run folder {ro / "out"}', 'Read-only file system',
+                             'pass a writable --output')
+    finally:
+        subprocess.run(['umount', ro], check=True)
+
+
+# ---------------------------------------------------------------- summary.csv damaged
+
+def test_damaged_summary_is_restored_from_the_checkpoint(finished_run, tmp_path, in_process):
+    """Every checkpoint holds the summary rows up to its epoch: a garbage line is replaced by them (the damaged
+    file kept beside)."""
+    data, out = finished_run[0], tmp_path / 'out'
+    run_dir = copy_run(finished_run, out)
+    summary = run_dir / 'summary.csv'
+    good = summary.read_text()
+    summary.write_text(good.replace('\n1,', '\ngarbage\n1,', 1))
+    train(data, out, '--epochs', '2', '--resume', run_dir / 'last.pth.tar', via=in_process)
+    assert summary.read_text() == good and 'garbage' in (run_dir / 'summary.csv.before-resume').read_text()
+
+
+def test_damaged_summary_of_a_checkpoint_without_rows_names_the_line(finished_run, tmp_path, in_process):
+    """A checkpoint without rows (older lt-timm, stock timm): the file's garbage line is named, and deleting it, as
+    the error says, lets the run resume."""
+    data, out = finished_run[0], tmp_path / 'out'
+    run_dir = copy_run(finished_run, out)
+    last = run_dir / 'last.pth.tar'
+    state = torch.load(last, map_location='cpu', weights_only=False)
+    del state['summary']
+    torch.save(state, last)
+    summary = run_dir / 'summary.csv'
+    good = summary.read_text()
+    summary.write_text(good.replace('\n1,', '\ngarbage\n1,', 1))
+    p = train(data, out, '--epochs', '2', '--resume', last, check=False, via=in_process)
+    assert_clean_failure(p, f'{summary} line 3 is not a summary row', 'garbage', 'delete that line')
+    summary.write_text(good)
+    train(data, out, '--epochs', '2', '--resume', last, via=in_process)
+    assert [int(r['epoch']) for r in read_summary(summary)] == [0, 1]

@@ -1,0 +1,257 @@
+"""Real processes stopped the way users and machines stop them: ``kill -9`` at every file operation of an epoch's
+end, Ctrl-C and SIGTERM, a full disk (``RLIMIT_FSIZE``), a read-only folder, a DDP process that dies. Each time the
+run folder must be one that ``--resume`` turns into exactly what the uninterrupted run wrote, and the user must read
+one line that says what happened and how to go on (and following it must work).
+
+The processes are children of one fork server (``tests/kill_harness.py``: torch and timm imported once), each
+running the repository's real ``train.py`` main; the faults are the children's own (the product has no test hooks).
+"""
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, make_image_folder
+from test_cli import RGB_FLAGS, one_thread_env, read_summary
+
+TIME_COLUMNS = ('train_epoch_s', 'train_img_s')
+FLAGS = [*RGB_FLAGS, '-b', '6', '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.05', '--seed', '1']
+
+
+class Harness:
+    """The fork server: ``run(argv, **options)`` runs train.py's main in a child (see tests/kill_harness.py) and
+    returns ``(reply, stdout, stderr)``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.proc = subprocess.Popen([PYTHON, str(REPO / 'tests' / 'kill_harness.py')], cwd=REPO,
+                                     env=one_thread_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.n = 0
+
+    def run(self, argv, **options):
+        self.n += 1
+        out, err = self.folder / f'{self.n}.out', self.folder / f'{self.n}.err'
+        cmd = dict(argv=[str(a) for a in argv], out=str(out), err=str(err), **options)
+        self.proc.stdin.write(json.dumps(cmd) + '\n')
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        return reply, out.read_text(), err.read_text()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope='module')
+def harness(tmp_path_factory):
+    h = Harness(tmp_path_factory.mktemp('harness'))
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope='module')
+def reference(harness, tmp_path_factory):
+    """The uninterrupted run, its file operations traced: ``(data, run folder, operations)``."""
+    root = tmp_path_factory.mktemp('reference')
+    data = make_image_folder(root / 'd', classes=3, per_class=4)
+    out, trace = root / 'out', root / 'trace.jsonl'
+    reply, _, err = harness.run([*FLAGS, '--data-dir', data, '--output', out, '--experiment', 'r'],
+                                fault=dict(watch=str(out), kill_at=-1, torn=False, trace=str(trace)))
+    assert reply['code'] == 0, err[-3000:]
+    ops = [json.loads(line) for line in trace.read_text().splitlines()]
+    return data, out / 'r', ops
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def assert_same_run(run_dir: Path, ref_dir: Path) -> None:
+    """The same files, summary rows (timings aside), checkpoint epochs, metrics and weights as the reference."""
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
+    strip = (lambda rows: [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in rows])
+    assert strip(read_summary(run_dir / 'summary.csv')) == strip(read_summary(ref_dir / 'summary.csv'))
+    for ckpt in sorted(ref_dir.glob('*.pth.tar')):
+        mine, ref = load(run_dir / ckpt.name), load(ckpt)
+        assert (mine['epoch'], mine.get('metric')) == (ref['epoch'], ref.get('metric')), ckpt.name
+        assert mine['state_dict'].keys() == ref['state_dict'].keys()
+        assert all(torch.equal(mine['state_dict'][k], ref['state_dict'][k]) for k in ref['state_dict']), ckpt.name
+
+
+def test_kill_at_every_file_operation_of_an_epoch_end(harness, reference, tmp_path):
+    """kill -9 before each file operation from epoch 0's checkpoint to the run's end, and in the middle of each
+    write (a torn checkpoint, a torn summary row); then --resume: the folder ends as the uninterrupted run's."""
+    data, ref_dir, ops = reference
+    first = next(i for i, op in enumerate(ops) if op['path'] == 'tmp.pth.tar')
+    points = [(i, False) for i in range(first, len(ops))] + \
+             [(i, True) for i in range(first, len(ops)) if ops[i]['op'] == 'open']
+    assert any(op['path'] == 'summary.csv' for op in ops[first:]) and len(points) >= 12
+    for i, torn in points:
+        out = tmp_path / f'kill{i}{"-torn" if torn else ""}'
+        argv = [*FLAGS, '--data-dir', data, '--output', out, '--experiment', 'r']
+        reply, _, _ = harness.run(argv, fault=dict(watch=str(out), kill_at=i, torn=torn, trace=str(out) + '.jsonl'))
+        assert reply['signal'] == signal.SIGKILL, (i, ops[i])
+        run_dir = out / 'r'
+        if not (run_dir / 'last.pth.tar').exists():  # before epoch 0 was committed: nothing claims an epoch
+            claims = [p.name for p in run_dir.glob('*.pth.tar') if p.name != 'tmp.pth.tar']
+            assert not claims and not read_summary_rows_of(run_dir), (i, ops[i])
+            continue
+        reply, _, err = harness.run([*argv, '--resume', run_dir / 'last.pth.tar'])
+        assert reply['code'] == 0, (i, ops[i], err[-2000:])
+        assert_same_run(run_dir, ref_dir)
+
+
+def read_summary_rows_of(run_dir: Path) -> list:
+    path = run_dir / 'summary.csv'
+    return read_summary(path) if path.exists() else []
+
+
+# ---------------------------------------------------------------- one line, and following it works
+
+def error_lines(err: str) -> list:
+    return [line for line in err.splitlines() if line.startswith('error: ')]
+
+
+def assert_one_line(reply, err: str, code: int, *needles) -> str:
+    """Exit ``code``, no traceback, one ``error:`` line holding ``needles``; returns the line."""
+    assert reply['code'] == code, err[-3000:]
+    assert 'Traceback' not in err, err[-3000:]
+    lines = error_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def printed_resume_args(line: str, run_dir: Path) -> list:
+    """The arguments of the resume command the error line prints (after the script), checked to resume
+    ``run_dir``."""
+    command = shlex.split(line.split('to continue: ', 1)[1])
+    assert command[:2] == ['python', 'train.py'] and command[-2:] == ['--resume', str(run_dir / 'last.pth.tar')]
+    return command[2:]
+
+
+@pytest.mark.parametrize('name,code,said', [('SIGINT', 130, 'stopped by Ctrl-C (SIGINT)'),
+                                            ('SIGTERM', 143, 'stopped by SIGTERM')])
+def test_signal_stops_with_one_line_the_lock_released_and_a_resume_command_that_works(
+        harness, reference, tmp_path, name, code, said):
+    data, ref_dir, _ = reference
+    ref3 = tmp_path / 'ref' / 'r'
+    argv = [*FLAGS, '--epochs', '3', '--data-dir', data, '--experiment', 'r']
+    harness.run([*argv, '--output', ref3.parent])
+    run_dir = tmp_path / 'out' / 'r'
+    reply, _, err = harness.run([*argv, '--output', run_dir.parent],
+                                signal=dict(name=name, when_exists=str(run_dir / 'last.pth.tar')))
+    line = assert_one_line(reply, err, code, said, 'the run folder is unlocked')
+    assert not (run_dir / '.lock').exists()
+    reply, _, err = harness.run(printed_resume_args(line, run_dir))
+    assert reply['code'] == 0, err[-3000:]
+    assert_same_run(run_dir, ref3)
+
+
+def killed_before_epoch_1_checkpoint(harness, reference, out: Path) -> Path:
+    """A run folder as a kill leaves it just before epoch 1's checkpoint is written (epoch 0 committed)."""
+    data, _, ops = reference
+    i = [k for k, op in enumerate(ops) if op['path'] == 'tmp.pth.tar'][1]
+    reply, _, _ = harness.run([*FLAGS, '--data-dir', data, '--output', out, '--experiment', 'r'],
+                              fault=dict(watch=str(out), kill_at=i, torn=False, trace=str(out) + '.jsonl'))
+    assert reply['signal'] == signal.SIGKILL
+    return out / 'r'
+
+
+def test_file_size_limit_keeps_the_last_checkpoint_and_no_partial_file(harness, reference, tmp_path):
+    """RLIMIT_FSIZE below a checkpoint's size (as a full disk): one line naming the file and the limit, the
+    previous last.pth.tar untouched, no tmp.pth.tar; raising the limit and resuming, as it says, ends the run as the
+    uninterrupted one."""
+    data, ref_dir, _ = reference
+    run_dir = killed_before_epoch_1_checkpoint(harness, reference, tmp_path / 'out')
+    last = run_dir / 'last.pth.tar'
+    before = last.read_bytes()
+    argv = [*FLAGS, '--data-dir', data, '--output', run_dir.parent, '--experiment', 'r', '--resume', last]
+    reply, _, err = harness.run(argv, rlimit_fsize=len(before) // 3)
+    assert_one_line(reply, err, 2, 'cannot write the checkpoint of epoch 1', 'File too large',
+                    f'raise the file-size limit (ulimit -f), then --resume {last}', 'nothing of epoch 1 was saved')
+    assert last.read_bytes() == before and not (run_dir / 'tmp.pth.tar').exists()
+    assert not (run_dir / '.lock').exists()
+    reply, _, err = harness.run(argv)
+    assert reply['code'] == 0, err[-3000:]
+    assert_same_run(run_dir, ref_dir)
+
+
+def test_read_only_folder_is_one_line(harness, reference, tmp_path):
+    """A folder the user cannot write (chmod 555; the run drops root, for which chmod does not apply)."""
+    if os.geteuid() != 0 and os.access('/', os.W_OK):
+        pytest.skip('cannot make a folder read-only for this user')
+    root = Path(tempfile.mkdtemp(prefix='lt_ro_'))  # world-readable, unlike pytest's tmp_path
+    try:
+        root.chmod(0o755)
+        data = shutil.copytree(reference[0], root / 'd')
+        ro = root / 'ro'
+        ro.mkdir(mode=0o555)
+        ro.chmod(0o555)
+        user = 65534 if os.geteuid() == 0 else None
+        reply, _, err = harness.run([*FLAGS, '--data-dir', data, '--output', ro / 'out', '--experiment', 'r'],
+                                    user=user)
+        assert_one_line(reply, err, 2, f'cannot make the run folder {ro / "out"}', 'Permission denied',
+                        'pass a folder you can write to')
+        assert not (ro / 'out').exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- DDP: a process that dies
+
+def _rank_pid(parent: int, rank: int):
+    """The pid of torchrun's worker ``rank`` (a child of ``parent``), from /proc."""
+    for entry in Path('/proc').iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / 'stat').read_text().rsplit(')', 1)[1].split()[1])
+            env = (entry / 'environ').read_bytes().split(b'\0')
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f'RANK={rank}'.encode() in env:
+            return int(entry.name)
+    return None
+
+
+def test_ddp_process_killed_leaves_one_line_on_the_other_saying_how_to_resume(reference, tmp_path):
+    """torchrun, 2 gloo processes; kill -9 of rank 1 after the first checkpoint: rank 0 stops with one line (what
+    happened, the torchrun command that resumes), exit status non-zero, the run folder unlocked."""
+    data, run_dir, logs = reference[0], tmp_path / 'out' / 'ddp', tmp_path / 'logs'
+    cmd = [PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--log-dir', str(logs),
+           '--redirects', '3', str(REPO / 'train.py'), *FLAGS, '--epochs', '200', '--data-dir', str(data),
+           '--output', str(run_dir.parent), '--experiment', 'ddp']
+    proc = subprocess.Popen(cmd, cwd=REPO, env=one_thread_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / 'last.pth.tar').exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None and proc.poll() is None
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    err = next(logs.glob('*/attempt_0/0/stderr.log')).read_text()
+    lines = error_lines(err)
+    assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+    assert 'lost another process' in lines[0] or 'stopped by SIGTERM' in lines[0], lines[0]
+    command = shlex.split(lines[0].split('to continue: ', 1)[1])
+    assert command[:4] == ['torchrun', '--nproc_per_node', '2', 'train.py']
+    assert command[-2:] == ['--resume', str(run_dir / 'last.pth.tar')]
+    assert load(run_dir / 'last.pth.tar')['epoch'] >= 0 and not (run_dir / '.lock').exists()

@@ -1,0 +1,90 @@
+"""``python -m lt_timm.launch``'s own failures are one line (``lt_timm.launch: error: ...``): a ``-c`` YAML the
+script cannot read (a syntax error, a ``!!python`` tag that must not run), lt-timm's sampler refusing the data, an odd
+batch under mixup (before any folder), and a real SIGTERM (143, with the command that resumes the run, which works).
+"""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lt_timm import launch
+from test_launch import TASK, data_root, variant  # noqa: F401  (data_root: the module's fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ['--device', 'cpu', '--loss', 'losstransform', '--aug-repeats', '3', '-b', '6']
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_sys_restored(monkeypatch):
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith('lt_timm.launch: error: ')]
+    assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize('content,needles', [
+    ('loss: [losstransform\n', ['line 2', 'not valid YAML']),
+    ('loss: !!python/object/apply:os.mkdir ["{marker}"]\n', ['not valid YAML', '!!python are refused']),
+])
+def test_bad_yaml_under_the_launcher_is_one_line(data_root, tmp_path, capsys, content, needles):
+    marker = tmp_path / 'ran'
+    cfg = tmp_path / 'recipe.yaml'
+    cfg.write_text(content.format(marker=marker))
+    code = launch.main([TASK, data_root, '-c', str(cfg), *COMMON, '--output', str(tmp_path / 'out')])
+    line = one_error_line(capsys)
+    assert code == 2 and str(cfg) in line and all(n in line for n in needles), line
+    assert not marker.exists() and not (tmp_path / 'out').exists()
+
+
+def test_sampler_refusal_under_the_launcher_is_one_line(data_root, tmp_path, capsys):
+    code = launch.main([TASK, data_root, *COMMON[:-1], '24', '--output', str(tmp_path / 'out')])
+    line = one_error_line(capsys)
+    assert code == 2 and 'too few for one batch of 24' in line and 'lower -b/--batch-size' in line
+
+
+def test_odd_batch_with_mixup_under_the_launcher_is_refused_before_any_folder(data_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        launch.main([TASK, data_root, *COMMON[:-1], '9', '--mixup', '0.2', '--output', str(tmp_path / 'out')])
+    assert e.value.code == 2 and 'need an even number of rows per step' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_sigterm_under_the_launcher_says_how_to_resume_and_that_works(data_root, tmp_path, capsys):
+    """A stand-in that saves as timm's script does (tmp, then last.pth.tar); SIGTERM after its first checkpoint."""
+    script = variant(tmp_path, TASK, [(
+        "os.path.join(args.output, f'checkpoint-{epoch}.pth.tar'))",
+        "os.path.join(args.output, 'tmp.pth.tar'))\n"
+        "            os.replace(os.path.join(args.output, 'tmp.pth.tar'), os.path.join(args.output, 'last.pth.tar'))")])
+    out = tmp_path / 'out'
+    argv = [script, data_root, *COMMON, '--epochs', '200', '--output', str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
+    env.pop('LT_TIMM_DEBUG', None)
+    proc = subprocess.Popen([sys.executable, '-m', 'lt_timm.launch', *argv], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / 'last.pth.tar').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    lines = [ln for ln in err.splitlines() if ln.startswith('lt_timm.launch: error: ')]
+    assert proc.returncode == 143 and len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+    assert 'stopped by SIGTERM' in lines[0]
+    command = shlex.split(lines[0].split('to continue: ', 1)[1])
+    assert command[:3] == ['python', '-m', 'lt_timm.launch'] and command[-2:] == ['--resume', str(out / 'last.pth.tar')]
+    resumed = command[3:]
+    resumed[resumed.index('--epochs') + 1] = str(torch.load(out / 'last.pth.tar', weights_only=False)['epoch'] + 2)
+    assert launch.main(resumed) == 0  # one more epoch: the printed command resumes the run
