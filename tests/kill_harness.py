@@ -13,7 +13,7 @@ A command may ask the child to:
   the operation, or (``torn``, for an ``open`` for writing) after writing the first half of the first ``write`` through
   that file — a write cut off by the kill. ``kill_at`` -1: never.
 * ``signal``: ``{"name": "SIGINT"|"SIGTERM", "when_exists": path}`` — the parent sends the signal once ``path``
-  exists (e.g. the run's ``last.pth.tar``).
+  exists (e.g. the run's ``last.pth.tar``); or ``"when_logged": text`` — once the child's stderr holds ``text``.
 * ``rlimit_fsize``: bytes — ``RLIMIT_FSIZE`` of the child (a full disk for files larger than that).
 * ``user``: uid — the child drops root to that user and group first (a read-only folder by ``chmod``).
 
@@ -166,7 +166,7 @@ def run(cmd: dict) -> dict:
         child(cmd)
     sig = cmd.get('signal')
     if sig:
-        while not os.path.exists(sig['when_exists']):
+        while not _ready(sig, cmd['err']):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 return _reply(status)
@@ -176,6 +176,16 @@ def run(cmd: dict) -> dict:
     return _reply(status)
 
 
+def _ready(sig: dict, err: str) -> bool:
+    if 'when_exists' in sig:
+        return os.path.exists(sig['when_exists'])
+    try:
+        with open(err) as f:
+            return sig['when_logged'] in f.read()
+    except FileNotFoundError:
+        return False
+
+
 def _reply(status: int) -> dict:
     if os.WIFSIGNALED(status):
         return {'code': None, 'signal': os.WTERMSIG(status)}
@@ -183,7 +193,8 @@ def _reply(status: int) -> dict:
 
 
 def serve() -> None:
-    script_main('train.py')  # import the script once, before the forks
+    script_main('train.py')  # import the scripts once, before the forks
+    script_main('validate.py')
     for line in sys.stdin:
         if line.strip():
             print(json.dumps(run(json.loads(line))), flush=True)

@@ -537,6 +537,16 @@ def test_read_only_bind_mount_is_one_line(tmp_path, in_process):
         subprocess.run(['umount', ro], check=True)
 
 
+def test_validate_results_file_that_cannot_be_written_is_one_line(finished_run, tmp_path, in_process):
+    data, run_dir = finished_run
+    (tmp_path / 'file').write_text('x')
+    res = tmp_path / 'file' / 'v.json'
+    p = in_process('validate.py', '--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--img-size', '32',
+                   '--checkpoint', run_dir / 'last.pth.tar', '--device', 'cpu', '-j', '0', '--results-file', res,
+                   check=False)
+    assert_clean_failure(p, f'cannot write --results-file {res}', 'pass another --results-file')
+
+
 # ---------------------------------------------------------------- summary.csv damaged
 
 def test_damaged_summary_is_restored_from_the_checkpoint(finished_run, tmp_path, in_process):
@@ -568,3 +578,16 @@ def test_damaged_summary_of_a_checkpoint_without_rows_names_the_line(finished_ru
     summary.write_text(good)
     train(data, out, '--epochs', '2', '--resume', last, via=in_process)
     assert [int(r['epoch']) for r in read_summary(summary)] == [0, 1]
+
+
+def test_resume_option_lists_are_real_options_and_documented():
+    """RESUME_FREE / RESUME_RECOVERY name options of train.py's parser, and README's 'Resuming a run' lists each."""
+    from lt_timm.cli.checks import RESUME_FREE, RESUME_RECOVERY
+    from lt_timm.cli.train import option_flags
+    flags = dict(option_flags(), config='-c/--config')  # -c is read by the first of timm's two parsers
+    section = (REPO / 'README.md').read_text().split('### Resuming a run', 1)[1].split('- **Must be the run', 1)[0]
+    for dest in RESUME_FREE + RESUME_RECOVERY:
+        assert dest in flags, dest
+        names = flags[dest].split('/') if dest != 'data' else ['data']
+        assert any(f'`{n}' in section for n in names), (dest, flags[dest])
+    assert not set(RESUME_FREE) & set(RESUME_RECOVERY)

@@ -158,6 +158,18 @@ def test_signal_stops_with_one_line_the_lock_released_and_a_resume_command_that_
     assert_same_run(run_dir, ref3)
 
 
+def test_signal_stops_validate_with_one_line(harness, reference, tmp_path):
+    """validate.py: Ctrl-C in the middle of its loop is one line and exit 130, nothing written."""
+    data, ref_dir, _ = reference
+    res = tmp_path / 'v.json'
+    reply, _, err = harness.run(['--data-dir', data, '--split', 'val', '--model', 'test_resnet', '--img-size', '32',
+                                 '--device', 'cpu', '-j', '0', '-b', '1', '--log-freq', '1', '--consistency', '64',
+                                 '--checkpoint', ref_dir / 'last.pth.tar', '--results-file', res],
+                                script='validate.py', signal=dict(name='SIGINT', when_logged='Test: ['))
+    assert_one_line(reply, err, 130, 'stopped by Ctrl-C (SIGINT)', 'nothing was written')
+    assert not res.exists()
+
+
 def killed_before_epoch_1_checkpoint(harness, reference, out: Path) -> Path:
     """A run folder as a kill leaves it just before epoch 1's checkpoint is written (epoch 0 committed)."""
     data, _, ops = reference
