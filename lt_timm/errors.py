@@ -22,19 +22,20 @@ STOP_EXIT_CODES = {'KeyboardInterrupt': 128 + signal.SIGINT, 'Terminated': 128 +
 
 # operating-system errors the user can act on: the path and the fix, never a traceback. The fix for a new file or
 # folder (another --output works), and for a file of a run in progress (which continues in its own folder).
+# ``{flag}``: the option that names the path (--output, --results-file, ...).
 _OS_FIXES = {
-    errno.EROFS: ('the file system is read-only; pass a writable --output', 'make it writable again'),
-    errno.EACCES: ('pass a folder you can write to (--output) or fix its permissions', 'fix its permissions'),
-    errno.EPERM: ('pass a folder you can write to (--output)', 'fix its permissions'),
-    errno.ENOSPC: ('free space (df -h) or pass another --output', 'free space (df -h)'),
-    errno.EDQUOT: ('free space or pass another --output', 'free space'),
-    errno.EFBIG: ('raise the file-size limit (ulimit -f) or pass another --output',
+    errno.EROFS: ('the file system is read-only; pass a writable {flag}', 'make it writable again'),
+    errno.EACCES: ('pass a folder you can write to ({flag}) or fix its permissions', 'fix its permissions'),
+    errno.EPERM: ('pass a folder you can write to ({flag})', 'fix its permissions'),
+    errno.ENOSPC: ('free space (df -h) or pass another {flag}', 'free space (df -h)'),
+    errno.EDQUOT: ('free space or pass another {flag}', 'free space'),
+    errno.EFBIG: ('raise the file-size limit (ulimit -f) or pass another {flag}',
                   'raise the file-size limit (ulimit -f)'),
-    errno.ENOTDIR: ('a file is where a folder should be: move it or pass another --output / --experiment',
+    errno.ENOTDIR: ('a file is where a folder should be: move it or pass another {flag}',
                     'move the file that is where a folder should be'),
-    errno.EEXIST: ('a file is where a folder should be: move it or pass another --output / --experiment',
+    errno.EEXIST: ('a file is where a folder should be: move it or pass another {flag}',
                    'move the file that is where a folder should be'),
-    errno.EISDIR: ('a folder is where a file should be: move it or pass another path',
+    errno.EISDIR: ('a folder is where a file should be: move it or pass another {flag}',
                    'move the folder that is where a file should be'),
 }
 
@@ -64,16 +65,16 @@ def _first_meaningful_line(exc: BaseException) -> str:
     return re.sub(r'^[\w.]+(Error|Exception): ', '', lines[-1])
 
 
-def os_error_message(e: OSError, doing: str = '', in_run: bool = False) -> str:
+def os_error_message(e: OSError, doing: str = '', in_run: bool = False, flag: str = '--output') -> str:
     """One sentence for an operating-system error the user can fix: what failed on which path and the fix ('' when
-    ``e`` is not such an error). ``in_run``: a file of a run in progress, whose fix ends in resuming it (the caller
-    adds how)."""
+    ``e`` is not such an error); ``flag`` names the path's option. ``in_run``: a file of a run in progress, whose fix
+    ends in resuming it (the caller adds how)."""
     fixes = _OS_FIXES.get(e.errno)
     if fixes is None:
         return ''
     path = e.filename if e.filename is not None else ''
     what = doing or (f'cannot write {path}' if path else 'a file operation failed')
-    return f'{what} ({e.strerror or os.strerror(e.errno)}): {fixes[1] if in_run else fixes[0]}'
+    return f'{what} ({e.strerror or os.strerror(e.errno)}): {(fixes[1] if in_run else fixes[0]).format(flag=flag)}'
 
 
 def _raise_terminated(signum, frame):

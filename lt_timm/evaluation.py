@@ -20,7 +20,7 @@ from .builders import (VALIDATE_DATASET_OPTIONS, autocast_and_scaler, create_mod
                        resolve_eval_num_classes)
 from .config import ValidateConfig
 from .data import class_to_idx_of, read_class_map
-from .errors import UserError
+from .errors import UserError, os_error_message
 from .metrics import view_statistics
 from .modeling import checkpoint_problem, load_weights, read_checkpoint, read_checkpoint_args
 from .plots import plot_view_heatmap
@@ -60,7 +60,10 @@ def run_validation(config: ValidateConfig) -> 'OrderedDict[str, object]':
                                      autocast))
     _logger.info('--result\n' + json.dumps(results, indent=4))
     if config.results_file:
-        _write_results(config.results_file, results, _results_format(config))
+        try:
+            _write_results(config.results_file, results, _results_format(config))
+        except OSError as e:
+            raise _cannot_write(e, config.results_file, '--results-file') from None
     return results
 
 
@@ -182,14 +185,22 @@ def _view_results(config: ValidateConfig, model: nn.Module, views, data_config, 
         results.update(tta_views=num_views, tta_top1=round(stats.tta_top1, 4))
     if v.plot:
         classes = sorted(class_to_idx, key=class_to_idx.get) if class_to_idx else None
-        plot_view_heatmap(stats.probs, v.plot, class_names=classes,
-                          title=f'{config.model.model}: predictions of {num_views} augmented views')
+        try:
+            plot_view_heatmap(stats.probs, v.plot, class_names=classes,
+                              title=f'{config.model.model}: predictions of {num_views} augmented views')
+        except OSError as e:
+            raise _cannot_write(e, v.plot, '--plot') from None
         results['plot'] = v.plot
     return results
 
 
 def _results_format(config: ValidateConfig) -> str:
     return config.results_format or ('json' if config.results_file.endswith('.json') else 'csv')
+
+
+def _cannot_write(e: OSError, path: str, flag: str) -> UserError:
+    return UserError((os_error_message(e, f'cannot write {flag} {path}', flag=flag)
+                      or f'cannot write {flag} {path} ({e.strerror}): pass another {flag}') + '.')
 
 
 def _write_results(path: str, results: 'OrderedDict[str, object]', fmt: str) -> None:

@@ -82,7 +82,7 @@ class RunLock:
         pid = self.try_acquire()
         if pid is not None:
             raise UserError(f'another run (pid {pid}) is writing to {os.path.dirname(self.path)}; wait for it to '
-                            f'finish or pick another --experiment.')
+                            f'finish (or stop it), then run this again.')
 
     def release(self) -> None:
         if self.held:
@@ -97,7 +97,7 @@ def _folder_error(path: str, e: OSError) -> UserError:
     if os.path.exists(path) and not os.path.isdir(path):
         return UserError(f'{path} is a file, not a folder; the run folder cannot be made there: move the file or pass '
                          f'another --output / --experiment.')
-    return UserError((os_error_message(e, f'cannot make the run folder {path}') or
+    return UserError((os_error_message(e, f'cannot make the run folder {path}', flag='--output / --experiment') or
                       f'cannot make the run folder {path} ({e.strerror}): pass another --output') + '.')
 
 
