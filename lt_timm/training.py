@@ -107,8 +107,11 @@ def _stopped(config: TrainConfig, trainer: Trainer, e: BaseException) -> RunStop
     if isinstance(e, (KeyboardInterrupt, Terminated)):
         code = STOP_EXIT_CODES[type(e).__name__]
         what = 'stopped by Ctrl-C (SIGINT)' if isinstance(e, KeyboardInterrupt) else 'stopped by SIGTERM'
-        if not config.ranks.is_primary:
-            return RunStopped('', code)  # every process gets the signal: the primary one says it
+        if config.ranks.distributed and isinstance(e, Terminated):
+            what += (f' (process {config.ranks.rank}; torchrun sends it to every process when one of them fails, '
+                     f'see its report)')
+        elif not config.ranks.is_primary:
+            return RunStopped('', code)  # Ctrl-C reaches every process: the primary one says it
     else:
         code = 2
         what = f'process {config.ranks.rank} of this DDP run lost another process ({_lost_how(e)})'
@@ -116,12 +119,12 @@ def _stopped(config: TrainConfig, trainer: Trainer, e: BaseException) -> RunStop
     last = os.path.join(trainer.output_dir, 'last.pth.tar') if trainer.output_dir else ''
     if not (last and os.path.exists(last)) and config.resumed is not None:
         last = config.resumed.path
-    if last and os.path.exists(last):
+    if not config.ranks.is_primary:
+        how = 'to continue, pass --resume <run folder>/last.pth.tar (process 0 names the run folder in its log)'
+    elif last and os.path.exists(last):
         how = f'the run folder is unlocked and {last} holds the last saved epoch; to continue: {resume_command(last)}'
-    elif config.ranks.is_primary:
-        how = 'no checkpoint was saved yet: start again'
     else:
-        how = 'to continue, pass --resume <run folder>/last.pth.tar (the run folder is in process 0\'s log)'
+        how = 'no checkpoint was saved yet: start again'
     return RunStopped(f'{what}{where}; {how}', code)
 
 
