@@ -59,6 +59,7 @@ from .cli.flags import LT_ARG_DEFAULTS, LT_OPTIONS
 from .errors import STOP_EXIT_CODES, Terminated, UserError, sigterm_raises
 from .launch_hooks import HOOKS
 from .launch_state import LaunchError, LaunchState, TrainingTask, script_name, timm_version
+from .run_dir import lost_a_process
 
 __all__ = ['patch_timm_train', 'install_hooks', 'load_script', 'run_script', 'LaunchError', 'LaunchState', 'main']
 
@@ -216,11 +217,6 @@ def _stopped(e: BaseException, argv: List[str], started: float) -> Tuple[str, in
     return f'{what}; {last} holds the last saved epoch; to continue: {command}', code
 
 
-def _lost_a_process(e: RuntimeError) -> bool:
-    text = str(e)
-    return any(s in text for s in ('Connection closed by peer', 'Connection reset by peer', 'gloo', 'NCCL'))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
@@ -246,7 +242,7 @@ def _problem(e: BaseException, argv: List[str], started: float) -> Tuple[Optiona
         return _yaml_problem(e), 2
     if isinstance(e, (LaunchError, UserError)):
         return str(e), 2
-    if isinstance(e, (KeyboardInterrupt, Terminated)) or _lost_a_process(e):
+    if isinstance(e, (KeyboardInterrupt, Terminated)) or lost_a_process(e):
         return _stopped(e, argv, started)
     return None, 1
 

@@ -13,7 +13,8 @@
 * :func:`supersede_later_epochs`: a run resumed from an earlier checkpoint than its latest moves the later
   checkpoints aside (``superseded-<epoch>/``) and says so, instead of leaving them as if they belonged to the new
   epochs; :func:`remove_stale_tmp` removes the temporary files a kill left.
-* :func:`resume_command` / :func:`resume_hint`: how to go on after a stop.
+* :func:`resume_command` / :func:`resume_hint` / :func:`stopped_run`: how to go on after a stop (a signal, a lost
+  DDP process: :func:`lost_a_process`).
 """
 import csv
 import logging
@@ -23,12 +24,12 @@ import sys
 from collections import OrderedDict
 from typing import Callable, List, Mapping, Optional, Sequence
 
-from .errors import UserError, os_error_message
+from .errors import STOP_EXIT_CODES, RunStopped, Terminated, UserError, os_error_message
 
 __all__ = ['DEFAULT_OUTPUT', 'claim_run_dir', 'RunLock', 'truncate_summary', 'update_summary', 'summary_row',
            'append_summary', 'summary_text', 'write_summary', 'read_summary_rows', 'supersede_later_epochs',
            'remove_stale_tmp',
-           'resume_hint', 'resume_command', 'TMP_SUFFIX']
+           'resume_hint', 'resume_command', 'lost_a_process', 'stopped_run', 'TMP_SUFFIX']
 
 _logger = logging.getLogger(__name__)
 
@@ -364,3 +365,45 @@ def resume_hint(output_dir: Optional[str], epoch: int) -> str:
     if last and os.path.exists(last):
         return f'then --resume {last} (the last good state, end of epoch {epoch - 1})'
     return 'then start again (no checkpoint was saved yet)'
+
+
+_LOST = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
+
+
+def lost_a_process(e: BaseException) -> bool:
+    """A collective that failed because another process of the DDP group is gone (torch's ``Dist*Error``, or gloo's
+    / NCCL's connection errors)."""
+    if not isinstance(e, RuntimeError):
+        return False
+    torch_dist = any(c.__name__.startswith('Dist') and c.__module__.startswith('torch') for c in type(e).__mro__)
+    return torch_dist or any(s in str(e) for s in _LOST + ('gloo', 'NCCL'))
+
+
+def _lost_how(e: BaseException) -> str:
+    text = str(e)
+    known = [s for s in _LOST if s in text]
+    return known[0] if known else (text.strip().splitlines() or [type(e).__name__])[0][:120]
+
+
+def stopped_run(e: BaseException, epoch: Optional[int], last: str, rank: int = 0, distributed: bool = False) \
+        -> RunStopped:
+    """The one line for a run stopped by Ctrl-C (exit 130), SIGTERM (143) or a lost DDP process (2): what stopped it,
+    in which epoch, and on process 0 the command that resumes it from ``last`` (its last checkpoint, '' if none).
+    Ctrl-C reaches every process of a DDP run: only process 0 says it (the others exit quietly)."""
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        code = STOP_EXIT_CODES[type(e).__name__]
+        what = 'stopped by Ctrl-C (SIGINT)' if isinstance(e, KeyboardInterrupt) else 'stopped by SIGTERM'
+        if distributed and isinstance(e, Terminated):
+            what += f' (process {rank}; torchrun sends it to every process when one of them fails, see its report)'
+        elif rank != 0:
+            return RunStopped('', code)
+    else:
+        code, what = 2, f'process {rank} of this DDP run lost another process ({_lost_how(e)})'
+    where = f' in epoch {epoch}' if epoch is not None else ''
+    if rank != 0:
+        how = 'to continue, pass --resume <run folder>/last.pth.tar (process 0 names the run folder in its log)'
+    elif last and os.path.exists(last):
+        how = f'the run folder is unlocked and {last} holds the last saved epoch; to continue: {resume_command(last)}'
+    else:
+        how = 'no checkpoint was saved yet: start again'
+    return RunStopped(f'{what}{where}; {how}', code)

@@ -34,13 +34,13 @@ from .builders import (autocast_and_scaler, create_loaders, create_model_from, o
 from .checkpoints import EpochSaver
 from .config import MixupOptions, OptimOptions, ResumePoint, TrainConfig
 from .data import write_class_map
-from .errors import RunStopped, STOP_EXIT_CODES, Terminated, UserError
+from .errors import RunStopped, Terminated, UserError
 from .loss import LossTransform
 from .modeling import checkpoint_problem, read_checkpoint_meta
 from .recorder import SUMMARY_KEY, Recorder, checkpoint_state_fn
 from .registry import LossOptions, create_loss, describe_criterion
-from .run_dir import (DEFAULT_OUTPUT, RunLock, claim_run_dir, read_summary_rows, remove_stale_tmp, resume_command,
-                      supersede_later_epochs, write_summary)
+from .run_dir import (DEFAULT_OUTPUT, RunLock, claim_run_dir, lost_a_process, read_summary_rows, remove_stale_tmp,
+                      stopped_run, supersede_later_epochs, write_summary)
 from .task import LossTransformTask
 from .trainer import Trainer
 
@@ -80,7 +80,7 @@ def train(config: TrainConfig) -> 'OrderedDict[str, Any]':
     except (KeyboardInterrupt, Terminated) as e:
         raise _stopped(config, run.trainer, e) from None
     except RuntimeError as e:
-        if config.ranks.distributed and _lost_a_process(e):
+        if config.ranks.distributed and lost_a_process(e):
             raise _stopped(config, run.trainer, e) from None
         raise
     finally:
@@ -88,44 +88,12 @@ def train(config: TrainConfig) -> 'OrderedDict[str, Any]':
             lock.release()
 
 
-def _lost_a_process(e: RuntimeError) -> bool:
-    """A collective that failed because another process of the DDP group is gone (gloo / NCCL)."""
-    dist_error = getattr(torch.distributed, 'DistError', ())
-    text = str(e)
-    return isinstance(e, dist_error) or any(s in text for s in (
-        'Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'gloo', 'NCCL'))
-
-
-def _lost_how(e: RuntimeError) -> str:
-    text = str(e)
-    known = [s for s in ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe') if s in text]
-    return known[0] if known else (text.strip().splitlines() or [type(e).__name__])[0][:120]
-
-
 def _stopped(config: TrainConfig, trainer: Trainer, e: BaseException) -> RunStopped:
-    """What stopped the run, in which epoch, and the command that resumes it."""
-    if isinstance(e, (KeyboardInterrupt, Terminated)):
-        code = STOP_EXIT_CODES[type(e).__name__]
-        what = 'stopped by Ctrl-C (SIGINT)' if isinstance(e, KeyboardInterrupt) else 'stopped by SIGTERM'
-        if config.ranks.distributed and isinstance(e, Terminated):
-            what += (f' (process {config.ranks.rank}; torchrun sends it to every process when one of them fails, '
-                     f'see its report)')
-        elif not config.ranks.is_primary:
-            return RunStopped('', code)  # Ctrl-C reaches every process: the primary one says it
-    else:
-        code = 2
-        what = f'process {config.ranks.rank} of this DDP run lost another process ({_lost_how(e)})'
-    where = f' in epoch {trainer.epoch}' if trainer.epoch is not None else ''
+    """What stopped the run, in which epoch, and the command that resumes it (:func:`stopped_run`)."""
     last = os.path.join(trainer.output_dir, 'last.pth.tar') if trainer.output_dir else ''
     if not (last and os.path.exists(last)) and config.resumed is not None:
         last = config.resumed.path
-    if not config.ranks.is_primary:
-        how = 'to continue, pass --resume <run folder>/last.pth.tar (process 0 names the run folder in its log)'
-    elif last and os.path.exists(last):
-        how = f'the run folder is unlocked and {last} holds the last saved epoch; to continue: {resume_command(last)}'
-    else:
-        how = 'no checkpoint was saved yet: start again'
-    return RunStopped(f'{what}{where}; {how}', code)
+    return stopped_run(e, trainer.epoch, last, config.ranks.rank, config.ranks.distributed)
 
 
 def build_run(config: TrainConfig) -> TrainingRun:

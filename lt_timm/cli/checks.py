@@ -224,11 +224,11 @@ def _resumed_value(saved: Any, dest: str, missing: Any) -> Any:
     return LT_ARG_DEFAULTS.get(dest, missing)
 
 
-def _differences(args: Any, saved: Any, flags: Dict[str, str]) -> List[str]:
+def _differences(args: Any, saved: Any, flags: Dict[str, str], skip: Tuple[str, ...]) -> List[str]:
     missing = object()
     out = []
     for dest, flag in flags.items():
-        if dest in RESUME_FREE or dest in RESUME_RECOVERY:
+        if dest in skip:
             continue
         old, new = _resumed_value(saved, dest, missing), getattr(args, dest, missing)
         if old is missing or new is missing or (dest == 'num_classes' and new is None):
@@ -244,22 +244,25 @@ def _differences(args: Any, saved: Any, flags: Dict[str, str]) -> List[str]:
     return out
 
 
-def check_resumed_flags(args: Any, saved: Any, flags: Dict[str, str]) -> None:
-    """``--resume``: every option that defines the experiment (``flags``: dest -> flag, minus :data:`RESUME_FREE`
-    and :data:`RESUME_RECOVERY`) and the number of processes must be the run's (``saved``: its checkpoint's args);
-    one error names each difference, the run's value and the way forward."""
-    diffs = _differences(args, saved, flags)
+def check_resumed_flags(args: Any, saved: Any, flags: Dict[str, str], free: Tuple[str, ...] = RESUME_FREE,
+                        recovery: Tuple[str, ...] = RESUME_RECOVERY) -> None:
+    """``--resume``: every option that defines the experiment (``flags``: dest -> flag, minus ``free`` and
+    ``recovery``: :data:`RESUME_FREE` and :data:`RESUME_RECOVERY` for ``train.py``) and the number of processes must
+    be the run's (``saved``: its checkpoint's args); one error names each difference, the run's value and the way
+    forward."""
+    diffs = _differences(args, saved, flags, tuple(free) + tuple(recovery))
     if diffs:
         raise UserError(f'--resume {args.resume} continues a run, but this command changes what defines it: '
                         f'{"; ".join(diffs)}. Drop these flags (or use the run\'s values, see its args.yaml), or start '
                         f'a new run from these weights with --initial-checkpoint {args.resume}.')
 
 
-def resumed_changes(args: Any, saved: Any, flags: Dict[str, str]) -> Tuple[str, ...]:
-    """The :data:`RESUME_RECOVERY` options this resume changes, as ``'--flag new (the run: old)'``."""
+def resumed_changes(args: Any, saved: Any, flags: Dict[str, str],
+                    recovery: Tuple[str, ...] = RESUME_RECOVERY) -> Tuple[str, ...]:
+    """The ``recovery`` options this resume changes, as ``'--flag new (the run: old)'``."""
     missing = object()
     out = []
-    for dest in RESUME_RECOVERY:
+    for dest in recovery:
         old, new = _resumed_value(saved, dest, None), getattr(args, dest, missing)
         if new is not missing and not _same(old, new) and dest in flags:
             out.append(f'{flags[dest]} {_show(new)} (the run: {_show(old)})')
