@@ -121,11 +121,12 @@ def run_training(part: str, args) -> None:
                     command=done['command']))
                 log(f'{name}: final top-1 error {rows[-1]["top1_err"]} %, KL {rows[-1]["consistency_kl"]:.4f}')
     agg = aggregate(rows)
-    write_csv(os.path.join(RESULTS, f'cifar10_{part}.csv'), rows)
-    write_json(os.path.join(RESULTS, f'cifar10_{part}.json'),
+    name = args.results_name or f'cifar10_{part}'
+    write_csv(os.path.join(RESULTS, f'{name}.csv'), rows)
+    write_json(os.path.join(RESULTS, f'{name}.json'),
                dict(part=part, data_dir=args.data_dir, epochs=args.epochs, seeds=args.seeds, rows=rows,
                     summary=agg, environment=environment()))
-    plot(part, curves, os.path.join(RESULTS, f'cifar10_{part}.png'), args)
+    plot(part, curves, os.path.join(RESULTS, f'{name}.png'), args)
     for a in agg:
         log(f'{a["model"]} {a["label"]}: {a["top1_err_mean"]:.2f} +- {a["top1_err_std"]:.2f} % '
             f'(n={a["seeds"]}), KL {a["consistency_kl_mean"]:.4f}')
@@ -177,6 +178,8 @@ def main(argv=None):
     p.add_argument('-j', '--workers', type=int, default=1)
     p.add_argument('--threads', type=int, default=2, help='OMP threads per run')
     p.add_argument('--work-dir', default='/tmp/lt_bench/cifar10', help='run folders and logs')
+    p.add_argument('--results-name', default='', help='results file name under benchmarks/results (default: '
+                                                       'cifar10_<part>)')
     args = p.parse_args(argv)
     args.models = args.models or (['resnet20', 'resnet32', 'resnet56'] if args.part == 'published' else ['resnet20'])
     os.makedirs(args.work_dir, exist_ok=True)
