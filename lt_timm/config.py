@@ -220,6 +220,7 @@ class ResumePoint:
     class_to_idx: Mapping[str, int] = field(default_factory=dict)
     train_images: Optional[int] = None
     eval_images: Optional[int] = None
+    num_classes: Optional[int] = None  # train_detection.py (train.py compares the class map)
     lr: Optional[float] = None
     changes: Tuple[str, ...] = ()
 
@@ -296,7 +297,9 @@ class ValidateConfig:
 @dataclass(frozen=True)
 class DetectionSettings:
     """What :func:`lt_timm.cli.detection.resolve` found out before a detection run: its ranks, whether torchvision's
-    COCO detector is fine-tuned, and the label space of the dataset (``'contiguous'`` or ``'coco_ids'``)."""
+    COCO detector is fine-tuned, the label space of the dataset (``'contiguous'`` or ``'coco_ids'``), and with
+    ``--resume`` the run it continues (its flags already compared)."""
     ranks: Ranks
     coco_detector: bool
     label_space: str
+    resumed: Optional[ResumePoint] = None

@@ -20,7 +20,8 @@ from .flags import LAUNCH_LOSSES, LT_ARG_DEFAULTS
 
 __all__ = ['check_args', 'check_loop_args', 'resolve_model_dtype', 'check_launch_args', 'check_detection_args',
            'check_match_args', 'check_augment_args', 'anchor_size_entries', 'RESUME_FREE', 'RESUME_RECOVERY',
-           'check_resumed_flags', 'resumed_changes', 'resumed_folder', 'lr_base_scale_rule']
+           'DETECTION_RESUME_FREE', 'DETECTION_RESUME_RECOVERY', 'check_resumed_flags', 'resumed_changes',
+           'resumed_folder', 'lr_base_scale_rule']
 
 
 def check_args(args: Any) -> None:
@@ -200,6 +201,14 @@ RESUME_FREE = (
 RESUME_RECOVERY = ('lr', 'clip_grad', 'clip_mode', 'no_resume_opt', 'start_epoch')
 
 
+# train_detection.py: the same kinds of options (its --epochs only says where to stop: the step schedule, --lr-steps,
+# does not depend on it).
+DETECTION_RESUME_FREE = ('config', 'data', 'data_dir', 'train_split', 'val_split', 'detector_checkpoint', 'output',
+                         'experiment', 'resume', 'epochs', 'workers', 'log_interval', 'threads', 'device', 'no_plot',
+                         'eval_only')
+DETECTION_RESUME_RECOVERY = ('lr', 'clip_grad')
+
+
 def lr_base_scale_rule(scale: str, opt: str) -> str:
     """timm's ``--lr-base-scale`` as it applies: given, else ``sqrt`` for ada*/lamb optimizers, else ``linear``."""
     return scale or ('sqrt' if any(o in (opt or '').lower() for o in ('ada', 'lamb')) else 'linear')
@@ -245,16 +254,17 @@ def _differences(args: Any, saved: Any, flags: Dict[str, str], skip: Tuple[str, 
 
 
 def check_resumed_flags(args: Any, saved: Any, flags: Dict[str, str], free: Tuple[str, ...] = RESUME_FREE,
-                        recovery: Tuple[str, ...] = RESUME_RECOVERY) -> None:
+                        recovery: Tuple[str, ...] = RESUME_RECOVERY, new_run: str = '') -> None:
     """``--resume``: every option that defines the experiment (``flags``: dest -> flag, minus ``free`` and
     ``recovery``: :data:`RESUME_FREE` and :data:`RESUME_RECOVERY` for ``train.py``) and the number of processes must
     be the run's (``saved``: its checkpoint's args); one error names each difference, the run's value and the way
-    forward."""
+    forward (``new_run``: how to start a new run instead; default: from these weights, ``--initial-checkpoint``)."""
     diffs = _differences(args, saved, flags, tuple(free) + tuple(recovery))
     if diffs:
+        new_run = new_run or f'start a new run from these weights with --initial-checkpoint {args.resume}'
         raise UserError(f'--resume {args.resume} continues a run, but this command changes what defines it: '
-                        f'{"; ".join(diffs)}. Drop these flags (or use the run\'s values, see its args.yaml), or start '
-                        f'a new run from these weights with --initial-checkpoint {args.resume}.')
+                        f'{"; ".join(diffs)}. Drop these flags (or use the run\'s values, see its args.yaml), or '
+                        f'{new_run}.')
 
 
 def resumed_changes(args: Any, saved: Any, flags: Dict[str, str],
@@ -269,10 +279,10 @@ def resumed_changes(args: Any, saved: Any, flags: Dict[str, str],
     return tuple(out)
 
 
-def resumed_folder(resume: str, output: str, experiment: str, default_output: str) -> str:
+def resumed_folder(resume: str, output: str, experiment: str, default_output: str, new_run: str = '') -> str:
     """The run folder ``--resume FILE`` continues in: FILE's folder when it is a run folder (it holds
     ``args.yaml``), else '' (a new folder, as timm). ``--output`` / ``--experiment`` naming another folder is
-    refused."""
+    refused (``new_run``: how to start a new run there instead)."""
     folder = os.path.dirname(os.path.abspath(resume))
     if not os.path.isfile(os.path.join(folder, 'args.yaml')):
         return ''
@@ -281,6 +291,7 @@ def resumed_folder(resume: str, output: str, experiment: str, default_output: st
     else:
         target = folder if not output else os.path.join(os.path.abspath(output), os.path.basename(folder))
     if target != folder:
+        new_run = new_run or f'start a new run there from these weights with --initial-checkpoint {resume}'
         raise UserError(f'--resume {resume} continues its run in {folder}, but --output/--experiment name {target}; '
-                        f'drop them, or start a new run there from these weights with --initial-checkpoint {resume}.')
+                        f'drop them, or {new_run}.')
     return folder

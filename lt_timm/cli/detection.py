@@ -11,9 +11,10 @@ from typing import List, Optional
 
 import torch
 
-from ..config import DetectionSettings, Ranks
+from ..config import DetectionSettings, Ranks, ResumePoint
 from ..errors import UserError, exit_on_user_error
-from .checks import anchor_size_entries, check_augment_args, check_detection_args, check_match_args
+from .checks import (DETECTION_RESUME_FREE, DETECTION_RESUME_RECOVERY, anchor_size_entries, check_augment_args,
+                     check_detection_args, check_match_args, check_resumed_flags, resumed_changes, resumed_folder)
 from .recipe import add_config_option, parse_with_recipe
 
 __all__ = ['build_parser', 'parse_args', 'resolve', 'main', 'LOSSES', 'MODELS', 'MATCH_MODES', 'DATASETS',
@@ -198,7 +199,31 @@ def resolve(args: argparse.Namespace) -> DetectionSettings:
     ranks = _init_distributed(args)
     if ranks.distributed:
         _logger.info(f'Training in distributed mode: process {ranks.rank}/{ranks.world_size}, device {args.device}.')
-    return DetectionSettings(ranks=ranks, coco_detector=coco_detector, label_space=label_space)
+    return DetectionSettings(ranks=ranks, coco_detector=coco_detector, label_space=label_space,
+                             resumed=_resolve_resume(args, ranks))
+
+
+def _resolve_resume(args: argparse.Namespace, ranks: Ranks) -> Optional[ResumePoint]:
+    """``--resume``: the checkpoint's run compared with this command (every option but
+    :data:`~lt_timm.cli.checks.DETECTION_RESUME_FREE` and ``..._RECOVERY`` must be the run's), and the run folder it
+    continues in (the checkpoint's; ``--experiment`` may only name it)."""
+    from ..modeling import read_checkpoint_args
+    if not args.resume:
+        return None
+    if not os.path.isfile(args.resume):
+        raise UserError(f'--resume checkpoint {args.resume} not found; pass the last.pth.tar of the run to continue.')
+    saved = read_checkpoint_args(args.resume)
+    if saved is None:  # a bad file is named when it is loaded
+        return ResumePoint(path=args.resume)
+    current = argparse.Namespace(**vars(args), world_size=ranks.world_size)  # the number of processes compared too
+    flags = {a.dest: '/'.join(a.option_strings) or a.dest for a in build_parser()[1]._actions if a.dest != 'help'}
+    new_run = 'start a new run (without --resume)'
+    check_resumed_flags(current, saved, flags, DETECTION_RESUME_FREE, DETECTION_RESUME_RECOVERY, new_run)
+    return ResumePoint(path=args.resume, folder=resumed_folder(args.resume, '', args.experiment, args.output, new_run),
+                       train_images=getattr(saved, 'train_images', None),
+                       eval_images=getattr(saved, 'eval_images', None),
+                       num_classes=getattr(saved, 'num_classes', None), lr=getattr(saved, 'lr', None),
+                       changes=resumed_changes(args, saved, flags, DETECTION_RESUME_RECOVERY))
 
 
 def _init_distributed(args: argparse.Namespace) -> Ranks:

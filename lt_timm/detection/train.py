@@ -4,11 +4,14 @@ Same conventions as the classification ``train.py`` (:mod:`lt_timm.training`): a
 are argument dest names (the command line still wins; :mod:`lt_timm.cli.detection`, the reader shared with
 ``train.py``), dashed flags, ``logging`` (timm's default setup), user errors as :class:`lt_timm.errors.UserError`
 (``error: ...`` with the fix, exit code 2, nothing written or lost), run folders claimed with
-:func:`lt_timm.run_dir.claim_run_dir` (never overwritten; ``--resume`` continues in the checkpoint's folder),
-``summary.csv`` via :func:`lt_timm.run_dir.update_summary` (timm's columns, one row per epoch), ``curves.png`` via
+:func:`lt_timm.run_dir.claim_run_dir` (never overwritten; ``--resume`` continues in the checkpoint's folder, as the
+same experiment: its flags and data compared by :mod:`lt_timm.cli.detection`), ``summary.csv`` rows as
+:func:`lt_timm.run_dir.summary_row` (timm's columns, one row per epoch), ``curves.png`` via
 :func:`lt_timm.plots.plot_training_curves`, ``last.pth.tar`` written atomically (tmp file + ``os.replace``) and only
 from finite weights, batches from :class:`lt_timm.sampler.RepeatedAugBatchSampler` (``--lt-epoch v1|full``, single
-process or DDP under ``torchrun``).
+process or DDP under ``torchrun``). Every checkpoint holds the summary rows up to its epoch and the row is appended
+after it, so ``--resume`` after a kill at any moment rewrites ``summary.csv`` to match the checkpoint; Ctrl-C,
+SIGTERM and a lost DDP process stop the run with one line and the command that resumes it.
 
 A run is :func:`setup` (datasets, sampler, detector, optimizer, resume, loaders: a :class:`DetectionRun`) then
 :func:`fit` (the run folder, then per epoch: train, check the weights, evaluate, checkpoint, summary row).
@@ -30,9 +33,11 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
-from ..config import DetectionSettings, Ranks
-from ..errors import UserError
-from ..run_dir import claim_run_dir, resume_hint, truncate_summary, update_summary
+from ..checkpoints import write_checkpoint
+from ..config import DetectionSettings, Ranks, ResumePoint
+from ..errors import Terminated, UserError, os_error_message
+from ..run_dir import (append_summary, claim_run_dir, lost_a_process, read_summary_rows, remove_stale_tmp,
+                       resume_hint, stopped_run, summary_row, write_summary)
 from .finetune import build_model, check_coco_categories, freeze_submodules, hold_frozen_norms
 
 __all__ = ['setup', 'fit', 'train', 'evaluate_only', 'DetectionRun', 'build_datasets', 'build_sampler', 'detector_options',
@@ -141,13 +146,20 @@ def lr_at(args, epoch: int, it: int, iters_per_epoch: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: str, model: torch.nn.Module, optimizer, epoch: int, args, metric=None) -> None:
-    """timm's checkpoint layout (``state_dict``, ``optimizer``, ``epoch``, ``args``, ``version`` 2), written to a
-    tmp file and moved over ``path`` with ``os.replace``: ``path`` is always a complete checkpoint."""
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer, epoch: int, args, metric=None,
+                    extra: Optional[Dict] = None) -> None:
+    """timm's checkpoint layout (``state_dict``, ``optimizer``, ``epoch``, ``args``, ``version`` 2; ``extra``
+    entries added), written to a tmp file and moved over ``path`` with ``os.replace``: ``path`` is always a complete
+    checkpoint. A write that fails (full disk, file-size limit) removes the tmp file and is one UserError."""
     state = {'epoch': epoch, 'arch': type(model).__name__, 'state_dict': model.state_dict(),
-             'optimizer': optimizer.state_dict(), 'args': args, 'version': 2, 'metric': metric}
+             'optimizer': optimizer.state_dict(), 'args': args, 'version': 2, 'metric': metric, **(extra or {})}
     tmp = f'{path}.{os.getpid()}.tmp'
-    torch.save(state, tmp)
+    try:
+        write_checkpoint(state, tmp)
+    except OSError as e:
+        doing = f'cannot write the checkpoint of epoch {epoch} to {tmp}'
+        raise UserError(f'{os_error_message(e, doing, in_run=True) or f"{doing} ({e})"}, '
+                        f'{resume_hint(os.path.dirname(path), epoch)}; nothing of epoch {epoch} was saved.') from None
     os.replace(tmp, path)
 
 
@@ -158,10 +170,6 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer, args) -> int:
         raise UserError(f'--resume checkpoint {path} not found; pass the last.pth.tar of the run to continue.')
     try:
         ck = read_checkpoint(path)
-        saved = ck.get('args')
-        if isinstance(saved, argparse.Namespace) and getattr(saved, 'lr', args.lr) != args.lr:
-            raise UserError(f'--lr {args.lr} differs from the resumed run\'s lr {saved.lr}: a resumed run continues '
-                            f'its own schedule; drop --lr (or pass --lr {saved.lr}).')
         model.load_state_dict(ck['state_dict'])
         optimizer.load_state_dict(ck['optimizer'])
         return int(ck['epoch']) + 1
@@ -213,6 +221,9 @@ class DetectionRun:
     labels: str = ''  # COCO detector: what its labels are (logged)
     val_loader: Any = None
     coco_gt: Any = None
+    resumed: Optional[ResumePoint] = None  # --resume (the flags compared by the command line)
+    summary_rows: List[Dict] = field(default_factory=list)  # the rows so far, kept in every checkpoint
+    epoch: Optional[int] = None  # the epoch in progress (named when the run is stopped)
 
 
 def setup(args: argparse.Namespace, settings: DetectionSettings) -> DetectionRun:
@@ -222,12 +233,25 @@ def setup(args: argparse.Namespace, settings: DetectionSettings) -> DetectionRun
     train_base, tr_idx, val_base, va_idx = build_datasets(args, settings.label_space)
     sampler = build_sampler(args, len(tr_idx), ranks.world_size, ranks.rank)
     num_classes = _num_classes(args, settings.label_space, train_base, val_base)
+    _check_resumed_data(settings.resumed, len(tr_idx), len(va_idx), num_classes)
     torch.manual_seed(args.seed)
     run = _build_net(args, settings, device, num_classes)
-    run.num_train, run.num_val = len(tr_idx), len(va_idx)
+    run.num_train, run.num_val, run.resumed = len(tr_idx), len(va_idx), settings.resumed
     run.labels = _coco_labels(train_base, num_classes) if settings.coco_detector else ''
     _build_loaders(args, run, sampler, train_base, tr_idx, val_base, va_idx)
     return run
+
+
+def _check_resumed_data(resumed: Optional[ResumePoint], num_train: int, num_val: int, num_classes: int) -> None:
+    """``--resume``: the data must be the run's (its image counts and classes); one error names each difference."""
+    if resumed is None:
+        return
+    diffs = [f'{now} {what} (the run: {then})' for what, now, then in (
+        ('training images', num_train, resumed.train_images), ('validation images', num_val, resumed.eval_images),
+        ('classes', num_classes, resumed.num_classes)) if then is not None and now != then]
+    if diffs:
+        raise UserError(f'--resume {resumed.path}: this data is not the run\'s: {"; ".join(diffs)}. Resume on the '
+                        f'run\'s data, or start a new run (a new --experiment) on this data.')
 
 
 def _num_classes(args, label_space: str, train_base, val_base) -> int:
@@ -298,16 +322,22 @@ def fit(args: argparse.Namespace, run: DetectionRun) -> Dict:
     out_dir, lock, metrics = None, None, {}
     try:
         if run.ranks.is_primary:
-            lock = claim_run_dir(output, exp, args.resume)
+            lock = claim_run_dir(output, exp, args.resume, folder=run.resumed.folder if run.resumed else '')
             out_dir = os.path.dirname(lock.path)
             _open_run_dir(args, run, out_dir)
         summary_path = os.path.join(out_dir, 'summary.csv') if out_dir else None
         for epoch in range(run.start_epoch, args.epochs):
-            metrics = _fit_epoch(args, run, epoch, out_dir, summary_path)
+            run.epoch = epoch
+            metrics = _fit_epoch(args, run, epoch, out_dir)
         if run.ranks.is_primary and not args.no_plot and os.path.exists(summary_path):
             png = plot_training_curves(summary_path, os.path.join(out_dir, 'curves.png'),
                                        title=f'{exp}: --loss {args.loss}')
             _logger.info(f'Training curves: {png}')
+    except (KeyboardInterrupt, Terminated, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not (run.ranks.world_size > 1 and lost_a_process(e)):
+            raise
+        last = os.path.join(out_dir, 'last.pth.tar') if out_dir else (run.resumed.path if run.resumed else '')
+        raise stopped_run(e, run.epoch, last, run.ranks.rank, run.ranks.world_size > 1) from None
     finally:
         if lock is not None:
             lock.release()
@@ -349,12 +379,47 @@ def _run_name(args):
     return output, exp or f'{args.dataset}-{args.model}-{args.backbone}-{args.loss}-s{args.seed}'
 
 
-def _open_run_dir(args, run: DetectionRun, out_dir: str) -> None:
-    """Summary rows past the start dropped, ``args.yaml`` written, the run described in the log."""
-    from ..layout import rows_per_step
-    truncate_summary(os.path.join(out_dir, 'summary.csv'), run.start_epoch)
-    with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
+def _resumed_rows(args, run: DetectionRun, out_dir: str) -> None:
+    """A resumed run: what a kill left half-done removed, ``summary.csv`` rewritten from the rows its checkpoint
+    holds (older checkpoints: the file's rows before the start), ``args.yaml`` kept (changed options recorded in
+    ``args-resume-<epoch>.yaml``)."""
+    from ..modeling import read_checkpoint_meta
+    summary = os.path.join(out_dir, 'summary.csv')
+    in_place = os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(out_dir)
+    if in_place:
+        remove_stale_tmp(out_dir)
+    rows = (read_checkpoint_meta(args.resume) or {}).get('summary')
+    if rows is None:
+        rows = read_summary_rows(summary) if in_place else []
+    run.summary_rows = [r for r in rows if int(float(r['epoch'])) < run.start_epoch]
+    if run.summary_rows or os.path.exists(summary):
+        write_summary(summary, run.summary_rows)
+    changes = run.resumed.changes if run.resumed else ()
+    if in_place and changes:
+        record = os.path.join(out_dir, f'args-resume-{run.start_epoch}.yaml')
+        with open(record, 'w') as f:
+            f.write(f'# resumed at epoch {run.start_epoch} with: {"; ".join(changes)}\n')
+            yaml.safe_dump(vars(args), f, sort_keys=False)
+        _logger.warning(f'Resumed with {"; ".join(changes)} from epoch {run.start_epoch} on; recorded in {record}.')
+    if not in_place:
+        _write_args(args, out_dir)
+
+
+def _write_args(args, out_dir: str) -> None:
+    tmp = os.path.join(out_dir, 'args.yaml.tmp')
+    with open(tmp, 'w') as f:
         yaml.safe_dump(vars(args), f, sort_keys=False)
+    os.replace(tmp, os.path.join(out_dir, 'args.yaml'))
+
+
+def _open_run_dir(args, run: DetectionRun, out_dir: str) -> None:
+    """A resumed run's folder completed (:func:`_resumed_rows`), else ``args.yaml`` written; the run described in
+    the log."""
+    from ..layout import rows_per_step
+    if args.resume:
+        _resumed_rows(args, run, out_dir)
+    else:
+        _write_args(args, out_dir)
     if run.labels:
         source = args.detector_checkpoint or 'torchvision COCO_V1 (torch hub cache)'
         _logger.info(f'torchvision\'s COCO detector for --model {args.model}, weights from {source}; '
@@ -375,7 +440,7 @@ def _open_run_dir(args, run: DetectionRun, out_dir: str) -> None:
         _logger.info(f'Resumed from {args.resume}, continuing at epoch {run.start_epoch}.')
 
 
-def _fit_epoch(args, run: DetectionRun, epoch: int, out_dir: Optional[str], summary_path: Optional[str]) -> Dict:
+def _fit_epoch(args, run: DetectionRun, epoch: int, out_dir: Optional[str]) -> Dict:
     """One epoch: train, check the weights, evaluate (every ``--eval-interval`` and the last), then on the primary
     rank the checkpoint and its summary row (checkpoint first: a resumed run drops rows past its start)."""
     from ..modeling import all_finite
@@ -384,15 +449,30 @@ def _fit_epoch(args, run: DetectionRun, epoch: int, out_dir: Optional[str], summ
         raise _diverged('the weights are no longer finite (NaN/inf)', epoch, out_dir)
     eval_metrics = _evaluate(args, run, epoch)
     if run.ranks.is_primary:
-        save_checkpoint(os.path.join(out_dir, 'last.pth.tar'), run.net.model, run.optimizer, epoch, args,
-                        metric=eval_metrics.get('box_AP'))
-        lr_last = metrics.pop('lr_last')
-        update_summary(epoch, metrics, eval_metrics, filename=summary_path, lr=lr_last)
+        _commit_epoch(args, run, epoch, metrics, eval_metrics, out_dir)
         metrics.update({f'eval_{k}': v for k, v in eval_metrics.items()})
     if run.ranks.world_size > 1:
         import torch.distributed as dist
         dist.barrier()
     return metrics
+
+
+def _commit_epoch(args, run: DetectionRun, epoch: int, metrics: Dict, eval_metrics: Dict, out_dir: str) -> None:
+    """The checkpoint (holding every summary row up to this epoch, and the data's size for ``--resume``), then the
+    epoch's ``summary.csv`` row."""
+    row = summary_row(epoch, metrics, eval_metrics, lr=metrics.pop('lr_last'))
+    saved = argparse.Namespace(**vars(args))
+    saved.train_images, saved.eval_images, saved.num_classes = run.num_train, run.num_val, run.num_classes
+    saved.world_size = run.ranks.world_size
+    last = os.path.join(out_dir, 'last.pth.tar')
+    save_checkpoint(last, run.net.model, run.optimizer, epoch, saved, metric=eval_metrics.get('box_AP'),
+                    extra={'summary': run.summary_rows + [row]})
+    run.summary_rows.append(row)
+    try:
+        append_summary(os.path.join(out_dir, 'summary.csv'), row)
+    except OSError as e:
+        raise UserError(f'{os_error_message(e, in_run=True) or e}, then --resume {last} (epoch {epoch} is saved '
+                        f'there with its summary row, which resuming writes).') from None
 
 
 def _evaluate(args, run: DetectionRun, epoch: int) -> Dict:
@@ -416,6 +496,7 @@ def _train_epoch(args, epoch: int, run: DetectionRun, out_dir: Optional[str]) ->
     ``loss_consistency`` = rho x consistency, ``consistency`` = the unweighted term measured with either loss)."""
     run.loader.batch_sampler.set_epoch(epoch)
     run.train_ds.set_epoch(epoch)
+    torch.manual_seed(args.seed + 100_003 * (epoch + 1) + run.ranks.rank)  # RPN/RoI sampling: --resume replays it
     run.net.train()
     hold_frozen_norms(run.net.model, args.freeze)
     n_it = len(run.loader)
@@ -451,8 +532,8 @@ def _train_step(args, run: DetectionRun, batch, lr: float, epoch: int, it: int, 
     losses = run.train_net(images, targets, rparams)
     loss = sum(losses.values())
     if not bool(torch.isfinite(loss)):  # one sync per step: a bad step is never applied
-        parts = ', '.join(f'{k} {float(v):.4g}' for k, v in losses.items())
-        raise _diverged(f'the loss is {float(loss)} ({parts}) at step {it}', epoch, out_dir)
+        parts = ', '.join(f'{k} {float(v.detach()):.4g}' for k, v in losses.items())
+        raise _diverged(f'the loss is {float(loss.detach())} ({parts}) at step {it}', epoch, out_dir)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.clip_grad:
