@@ -195,6 +195,11 @@ def _reply(status: int) -> dict:
 def serve() -> None:
     script_main('train.py')  # import the scripts once, before the forks
     script_main('validate.py')
+    script_main('train_detection.py')
+    import lt_timm.detection.train  # noqa: F401  (imported by train_detection's main when it runs)
+    import lt_timm.detection.consistency  # noqa: F401
+    import lt_timm.detection.data  # noqa: F401
+    import lt_timm.detection.evaluate  # noqa: F401
     for line in sys.stdin:
         if line.strip():
             print(json.dumps(run(json.loads(line))), flush=True)

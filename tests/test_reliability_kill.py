@@ -23,7 +23,7 @@ import torch
 from conftest import PYTHON, REPO, make_image_folder
 from test_cli import RGB_FLAGS, one_thread_env, read_summary
 
-TIME_COLUMNS = ('train_epoch_s', 'train_img_s')
+TIME_COLUMNS = ('train_epoch_s', 'train_img_s', 'train_epoch_time', 'eval_time')  # train.py, train_detection.py
 FLAGS = [*RGB_FLAGS, '-b', '6', '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.05', '--seed', '1']
 
 
@@ -132,11 +132,11 @@ def assert_one_line(reply, err: str, code: int, *needles) -> str:
     return lines[0]
 
 
-def printed_resume_args(line: str, run_dir: Path) -> list:
+def printed_resume_args(line: str, run_dir: Path, script: str = 'train.py') -> list:
     """The arguments of the resume command the error line prints (after the script), checked to resume
     ``run_dir``."""
     command = shlex.split(line.split('to continue: ', 1)[1])
-    assert command[:2] == ['python', 'train.py'] and command[-2:] == ['--resume', str(run_dir / 'last.pth.tar')]
+    assert command[:2] == ['python', script] and command[-2:] == ['--resume', str(run_dir / 'last.pth.tar')]
     return command[2:]
 
 
@@ -267,3 +267,140 @@ def test_ddp_process_killed_leaves_one_line_on_the_other_saying_how_to_resume(re
     assert command[:4] == ['torchrun', '--nproc_per_node', '2', 'train.py']
     assert command[-2:] == ['--resume', str(run_dir / 'last.pth.tar')]
     assert load(run_dir / 'last.pth.tar')['epoch'] >= 0 and not (run_dir / '.lock').exists()
+
+
+# ---------------------------------------------------------------- train_detection.py: the same guarantees
+
+def detection_argv(root: Path, out: Path, *extra) -> list:
+    return ['-c', root / 'cfg.yaml', '--data-dir', root / 'PennFudanPed', '--epochs', '2', '--device', 'cpu',
+            '--no-plot', '--output', out, '--experiment', 'r', *extra]
+
+
+@pytest.fixture(scope='module')
+def detection_reference(harness, tmp_path_factory):
+    """An uninterrupted 2-epoch detection run, its file operations traced: ``(root, run folder, operations)``."""
+    from test_detection import _TINY_CFG, _write_pennfudan
+    root = tmp_path_factory.mktemp('detection')
+    _write_pennfudan(str(root / 'PennFudanPed'), 5)
+    (root / 'cfg.yaml').write_text(_TINY_CFG + 'lt_epoch: full\n')
+    out, trace = root / 'out', root / 'trace.jsonl'
+    reply, _, err = harness.run(detection_argv(root, out), script='train_detection.py',
+                                fault=dict(watch=str(out), kill_at=-1, torn=False, trace=str(trace)))
+    assert reply['code'] == 0, err[-3000:]
+    return root, out / 'r', [json.loads(line) for line in trace.read_text().splitlines()]
+
+
+def test_detection_kill_at_every_file_operation_of_an_epoch_end(harness, detection_reference, tmp_path):
+    """train_detection.py: kill -9 before each file operation of both epoch ends and in the middle of each write,
+    then --resume: the same summary rows and checkpoint (weights included) as the uninterrupted run."""
+    root, ref_dir, ops = detection_reference
+    first = next(i for i, op in enumerate(ops) if op['path'].startswith('last.pth.tar.'))
+    points = [(i, False) for i in range(first, len(ops))] + \
+             [(i, True) for i in range(first, len(ops)) if ops[i]['op'] == 'open']
+    assert [op['path'] for op in ops[first:] if op['op'] == 'open'] == [ops[first]['path'], 'summary.csv'] * 2
+    for i, torn in points:
+        out = tmp_path / f'kill{i}{"-torn" if torn else ""}'
+        argv = detection_argv(root, out)
+        reply, _, _ = harness.run(argv, script='train_detection.py',
+                                  fault=dict(watch=str(out), kill_at=i, torn=torn, trace=str(out) + '.jsonl'))
+        assert reply['signal'] == signal.SIGKILL, (i, ops[i])
+        run_dir = out / 'r'
+        if not (run_dir / 'last.pth.tar').exists():  # before epoch 0 was committed: nothing claims an epoch
+            assert not read_summary_rows_of(run_dir), (i, ops[i])
+            continue
+        reply, _, err = harness.run([*argv, '--resume', run_dir / 'last.pth.tar'], script='train_detection.py')
+        assert reply['code'] == 0, (i, ops[i], err[-2000:])
+        assert_same_run(run_dir, ref_dir)
+
+
+def test_detection_sigterm_is_one_line_and_its_resume_command_works(harness, detection_reference, tmp_path):
+    root, ref_dir, _ = detection_reference
+    run_dir = tmp_path / 'out' / 'r'
+    reply, _, err = harness.run(detection_argv(root, run_dir.parent), script='train_detection.py',
+                                signal=dict(name='SIGTERM', when_exists=str(run_dir / 'last.pth.tar')))
+    line = assert_one_line(reply, err, 143, 'stopped by SIGTERM', 'the run folder is unlocked')
+    assert not (run_dir / '.lock').exists()
+    args = printed_resume_args(line, run_dir, 'train_detection.py')
+    reply, _, err = harness.run(args, script='train_detection.py')
+    assert reply['code'] == 0, err[-3000:]
+    assert_same_run(run_dir, ref_dir)
+
+
+def test_detection_file_size_limit_keeps_the_last_checkpoint(harness, detection_reference, tmp_path):
+    root, ref_dir, ops = detection_reference
+    out = tmp_path / 'out'
+    second = [i for i, op in enumerate(ops) if op['path'].startswith('last.pth.tar.')][1]
+    argv = detection_argv(root, out)
+    harness.run(argv, script='train_detection.py',
+                fault=dict(watch=str(out), kill_at=second, torn=False, trace=str(out) + '.jsonl'))
+    last = out / 'r' / 'last.pth.tar'
+    before = last.read_bytes()
+    reply, _, err = harness.run([*argv, '--resume', last], script='train_detection.py',
+                                rlimit_fsize=len(before) // 3)
+    assert_one_line(reply, err, 2, 'cannot write the checkpoint of epoch 1', 'File too large',
+                    f'raise the file-size limit (ulimit -f), then --resume {last}', 'nothing of epoch 1 was saved')
+    assert last.read_bytes() == before and not list((out / 'r').glob('*.tmp'))
+    reply, _, err = harness.run([*argv, '--resume', last], script='train_detection.py')
+    assert reply['code'] == 0, err[-3000:]
+    assert_same_run(out / 'r', ref_dir)
+
+
+def detection_main(capsys, *argv):
+    """train_detection.py's main in this process: (exit status, its one error line or '')."""
+    from lt_timm.cli.detection import main
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) <= 1 and 'Traceback' not in err, err[-3000:]
+    return code, lines[0] if lines else ''
+
+
+def test_detection_resume_compares_the_experiment_and_the_data(detection_reference, tmp_path, capsys, one_thread):
+    """One error naming each changed option (not --lr, which a resumed run may lower, nor --epochs: the step
+    schedule does not depend on it) or the data; following 'drop these flags' resumes; args.yaml is the run's."""
+    from test_detection import _write_pennfudan
+    root, ref_dir, _ = detection_reference
+    run_dir = tmp_path / 'r'
+    shutil.copytree(ref_dir, run_dir)
+    last, args_yaml = run_dir / 'last.pth.tar', (run_dir / 'args.yaml').read_text()
+    base = ['-c', root / 'cfg.yaml', '--data-dir', root / 'PennFudanPed', '--device', 'cpu', '--no-plot',
+            '--resume', last]
+    code, line = detection_main(capsys, *base, '--lt-rho', '0.5', '--aug-repeats', '3', '--seed', '1')
+    assert code == 2 and '--lt-rho 0.5 (the run: 1.0)' in line and '--aug-repeats 3 (the run: 2)' in line
+    assert '--seed 1 (the run: 42)' in line and 'Drop these flags' in line and 'a new run (without --resume)' in line
+    _write_pennfudan(str(tmp_path / 'more'), 6)
+    code, line = detection_main(capsys, *base, '--data-dir', tmp_path / 'more')
+    assert code == 2 and "data is not the run's: 4 training images (the run: 3)" in line
+    code, line = detection_main(capsys, *base, '--epochs', '3', '--lr', '0.01', '--workers', '0')
+    assert code == 0, line
+    rows = read_summary(run_dir / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1', '2'] and float(rows[2]['lr']) == pytest.approx(0.001)
+    assert (run_dir / 'args.yaml').read_text() == args_yaml
+    record = (run_dir / 'args-resume-2.yaml').read_text()
+    assert record.startswith('# resumed at epoch 2 with: --lr 0.01 (the run: 0.02)')
+
+
+@pytest.mark.parametrize('content,needle', [('model: [maskrcnn\n', 'not valid YAML'),
+                                            ('model: !!python/object/apply:os.system ["true"]\n', 'not valid YAML')])
+def test_detection_bad_yaml_is_one_line(tmp_path, capsys, content, needle):
+    cfg = tmp_path / 'bad.yaml'
+    cfg.write_text(content)
+    code, line = detection_main(capsys, '-c', cfg, '--data-dir', tmp_path, '--output', tmp_path / 'out')
+    assert code == 2 and str(cfg) in line and needle in line
+    assert not (tmp_path / 'out').exists()
+
+
+def test_detection_divergence_advice_followed_resumes(detection_reference, tmp_path, capsys, one_thread):
+    """'lower --lr or --clip-grad, then --resume last.pth.tar', followed: accepted, and the run finishes."""
+    root, _, _ = detection_reference
+    out = tmp_path / 'out'
+    argv = [*detection_argv(root, out), '-b', '2', '--clip-grad', '0', '--lr-steps', '1', '--lr-gamma', '1e32']
+    code, line = detection_main(capsys, *argv)  # epoch 1's lr 2e30: its second step's loss is not finite
+    last = out / 'r' / 'last.pth.tar'
+    assert code == 2 and 'diverged' in line and f'then --resume {last}' in line and 'lower --lr' in line
+    code, line = detection_main(capsys, *argv, '--lr', '1e-34', '--resume', last)  # epoch 1's lr: 0.01
+    assert code == 0, line
+    assert [r['epoch'] for r in read_summary(out / 'r' / 'summary.csv')] == ['0', '1']
