@@ -591,3 +591,13 @@ def test_resume_option_lists_are_real_options_and_documented():
         names = flags[dest].split('/') if dest != 'data' else ['data']
         assert any(f'`{n}' in section for n in names), (dest, flags[dest])
     assert not set(RESUME_FREE) & set(RESUME_RECOVERY)
+
+
+def test_detection_resume_option_lists_are_real_options_and_documented():
+    from lt_timm.cli.checks import DETECTION_RESUME_FREE, DETECTION_RESUME_RECOVERY
+    from lt_timm.cli.detection import build_parser
+    flags = {a.dest: a.option_strings or [a.dest] for a in build_parser()[1]._actions}
+    section = (REPO / 'README.md').read_text().split('`train_detection.py --resume` follows', 1)[1].split('\n\n')[0]
+    for dest in DETECTION_RESUME_FREE + DETECTION_RESUME_RECOVERY:
+        assert dest in flags, dest
+        assert any(f'`{n}' in section or f'/{n}`' in section for n in flags[dest]), (dest, flags[dest])
