@@ -105,8 +105,12 @@ def _exit(message: str, code: int) -> None:
 def _message(e: BaseException) -> str:
     """The one line of an error the door reports ('' for an operating-system error it leaves as a traceback)."""
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-        message = os_error_message(e)
-        return message + '.' if message else ''
+        if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # only writing fails this way
+            message = os_error_message(e)
+            return message + '.' if message else ''
+        if e.errno in _OS_FIXES:  # reading or writing: say what, where
+            return f'{e.filename or "a file operation"}: {e.strerror}; check the path and its permissions.'
+        return ''
     return _first_meaningful_line(e)
 
 
