@@ -76,7 +76,9 @@ def train(config: TrainConfig) -> 'OrderedDict[str, Any]':
     try:
         if config.ranks.is_primary:
             lock = open_run(config, run)
-        return run.trainer.fit(run.start_epoch, run.num_epochs)
+        result = run.trainer.fit(run.start_epoch, run.num_epochs)
+        _close_process_group(config)
+        return result
     except (KeyboardInterrupt, Terminated) as e:
         raise _stopped(config, run.trainer, e) from None
     except RuntimeError as e:
@@ -86,6 +88,15 @@ def train(config: TrainConfig) -> 'OrderedDict[str, Any]':
     finally:
         if lock is not None:
             lock.release()
+
+
+def _close_process_group(config: TrainConfig) -> None:
+    """A finished DDP run: every process waits for the others, then the process group is destroyed before the
+    interpreter exits (a gloo group torn down at exit can abort with 'terminate called without an active
+    exception')."""
+    if config.ranks.distributed and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _stopped(config: TrainConfig, trainer: Trainer, e: BaseException) -> RunStopped:
