@@ -10,13 +10,14 @@ from timm import utils
 
 from lt_timm.cli.train import parse_config
 from lt_timm.errors import exit_on_user_error
-from lt_timm.training import train
+from lt_timm.training import close_process_group, train
 
 
 @exit_on_user_error
 def main():
     utils.setup_default_logging()
     train(parse_config())
+    close_process_group()  # DDP: the process group torn down before exit
 
 
 if __name__ == '__main__':

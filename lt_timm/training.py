@@ -44,8 +44,8 @@ from .run_dir import (DEFAULT_OUTPUT, RunLock, claim_run_dir, lost_a_process, re
 from .task import LossTransformTask
 from .trainer import Trainer
 
-__all__ = ['train', 'build_run', 'open_run', 'TrainingRun', 'create_criterion', 'create_mixup', 'wrap_aug_splits',
-           'create_optimizer', 'create_scheduler', 'checkpoint_args']
+__all__ = ['train', 'close_process_group', 'build_run', 'open_run', 'TrainingRun', 'create_criterion', 'create_mixup',
+           'wrap_aug_splits', 'create_optimizer', 'create_scheduler', 'checkpoint_args', 'check_resumed_data']
 
 _logger = logging.getLogger('train')
 
@@ -76,9 +76,7 @@ def train(config: TrainConfig) -> 'OrderedDict[str, Any]':
     try:
         if config.ranks.is_primary:
             lock = open_run(config, run)
-        result = run.trainer.fit(run.start_epoch, run.num_epochs)
-        _close_process_group(config)
-        return result
+        return run.trainer.fit(run.start_epoch, run.num_epochs)
     except (KeyboardInterrupt, Terminated) as e:
         raise _stopped(config, run.trainer, e) from None
     except RuntimeError as e:
@@ -90,11 +88,11 @@ def train(config: TrainConfig) -> 'OrderedDict[str, Any]':
             lock.release()
 
 
-def _close_process_group(config: TrainConfig) -> None:
-    """A finished DDP run: every process waits for the others, then the process group is destroyed before the
-    interpreter exits (a gloo group torn down at exit can abort with 'terminate called without an active
-    exception')."""
-    if config.ranks.distributed and torch.distributed.is_initialized():
+def close_process_group() -> None:
+    """The end of a script's DDP run: every process waits for the others, then the process group is destroyed before
+    the interpreter exits (a gloo group left to interpreter shutdown can abort one process with 'terminate called
+    without an active exception'). A no-op without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

@@ -246,9 +246,11 @@ def _init_distributed(args: argparse.Namespace) -> Ranks:
 def _main(argv: Optional[List[str]]) -> int:
     from timm import utils
     from ..detection.train import evaluate_only, train
+    from ..training import close_process_group
     utils.setup_default_logging()
     args = parse_args(argv)
     (evaluate_only if args.eval_only else train)(args, resolve(args))
+    close_process_group()  # DDP: the process group torn down before exit
     return 0
 
 

@@ -333,9 +333,6 @@ def fit(args: argparse.Namespace, run: DetectionRun) -> Dict:
             png = plot_training_curves(summary_path, os.path.join(out_dir, 'curves.png'),
                                        title=f'{exp}: --loss {args.loss}')
             _logger.info(f'Training curves: {png}')
-        if run.ranks.world_size > 1:  # torn down before exit (a gloo group left to the interpreter can abort)
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
     except (KeyboardInterrupt, Terminated, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not (run.ranks.world_size > 1 and lost_a_process(e)):
             raise
