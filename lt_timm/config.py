@@ -3,7 +3,8 @@ validation read, the way :class:`lt_timm.registry.LossOptions` carries the loss 
 
 :mod:`lt_timm.cli` builds them once, from the parsed and resolved flags (field names are the flags' dest names);
 no argparse ``Namespace`` travels below it. The one exception is :attr:`TrainConfig.record`: the parsed flags as timm
-saves them in every checkpoint's ``args`` (and hands them to wandb); nothing below the CLI reads it.
+saves them in every checkpoint's ``args`` (and hands them to wandb); nothing below the CLI reads it
+(``train_detection.py``'s :class:`DetectionConfig` keeps them as a mapping, :meth:`DetectionConfig.saved_args`).
 """
 import argparse
 from dataclasses import dataclass, field, fields
@@ -15,7 +16,8 @@ from .registry import LossOptions
 
 __all__ = ['Ranks', 'Precision', 'DataOptions', 'ModelOptions', 'LoaderOptions', 'MixupOptions', 'OptimOptions',
            'EmaOptions', 'RunOptions', 'LoopOptions', 'ResumePoint', 'TrainConfig', 'ViewOptions', 'ValidateConfig',
-           'DetectionSettings', 'settings_from']
+           'DetectionDataOptions', 'DetectorOptions', 'InstanceLossOptions', 'DetectionBatchOptions',
+           'ReplicaAugmentOptions', 'DetectionSchedule', 'DetectionRunOptions', 'DetectionConfig', 'settings_from']
 
 
 def settings_from(cls, source, **overrides):
@@ -294,12 +296,147 @@ class ValidateConfig:
     seed: int = 42
 
 
+# ------------------------------------------------------------------------------------------ train_detection.py
 @dataclass(frozen=True)
-class DetectionSettings:
-    """What :func:`lt_timm.cli.detection.resolve` found out before a detection run: its ranks, whether torchvision's
-    COCO detector is fine-tuned, the label space of the dataset (``'contiguous'`` or ``'coco_ids'``), and with
-    ``--resume`` the run it continues (its flags already compared)."""
+class DetectionDataOptions:
+    """The detection images (:func:`lt_timm.detection.train.build_datasets`): ``masks`` says whether COCO instance
+    masks are read (``--model maskrcnn``), ``label_space`` what a COCO dataset's labels are (``'contiguous'``, or
+    ``'coco_ids'`` when torchvision's COCO detector keeps its predictors)."""
+    data_dir: str = ''
+    dataset: str = 'pennfudan'
+    train_split: str = 'train2017'
+    val_split: str = 'val2017'
+    voc_instances: str = 'components'
+    voc_connectivity: int = 8
+    voc_min_area: int = 1
+    val_size: int = 50
+    train_size: Optional[int] = None
+    max_val: Optional[int] = None
+    split_seed: int = 0
+    img_size: Optional[int] = None
+    masks: bool = True
+    label_space: str = 'contiguous'
+
+
+@dataclass(frozen=True)
+class DetectorOptions:
+    """The detector (:func:`lt_timm.detection.finetune.build_model`): its architecture, torchvision's COCO detector
+    (``coco_detector``: ``--detector-weights coco`` or ``--detector-checkpoint``), the frozen submodules, and the
+    settings that do not change its state dict (image size, proposal / RoI counts, detection cap)."""
+    model: str = 'maskrcnn'
+    backbone: str = 'resnet50'
+    pretrained: bool = False
+    coco_detector: bool = False
+    detector_checkpoint: str = ''
+    reset_predictors: bool = False
+    freeze: Tuple[str, ...] = ()
+    fpn_channels: int = 256
+    mask_head_channels: int = 256
+    box_head_dim: int = 1024
+    detections_per_img: int = 100
+    rpn_pre_nms: int = 2000
+    rpn_post_nms: int = 2000
+    box_batch_per_image: int = 512
+    anchor_sizes: Optional[Tuple[Any, ...]] = None  # one entry per FPN level: a size or a tuple of sizes
+    fpn_strides: Optional[Tuple[int, ...]] = None
+    fpn_extra: str = 'pool'
+    img_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class InstanceLossOptions:
+    """l_multi or T(l_multi) (:class:`lt_timm.detection.consistency.InstanceLossTransform`)."""
+    loss: str = 'losstransform'
+    aug_repeats: int = 2
+    lt_rho: float = 1.0
+    lt_box_weight: float = 1.0
+    lt_mask_weight: float = 1.0
+    lt_min_visible: float = 0.5
+    lt_detach: bool = False
+    lt_match: str = 'gt'
+    lt_match_iou: float = 0.5
+    lt_area_ratio: float = 0.8
+
+    @property
+    def rho(self) -> float:
+        """The consistency's weight: ``--lt-rho`` with ``--loss losstransform``; 0 with ``--loss multi`` (the term
+        is still measured and logged)."""
+        return self.lt_rho if self.loss == 'losstransform' else 0.0
+
+
+@dataclass(frozen=True)
+class DetectionBatchOptions:
+    """The grouped training batches (:func:`lt_timm.detection.train.build_sampler`: ``-b`` rows of blocks of m
+    replicas, ``--lt-epoch``) and the loaders' workers."""
+    batch_size: int = 4
+    aug_repeats: int = 2
+    lt_epoch: str = 'v1'
+    seed: int = 42
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicaAugmentOptions:
+    """Each replica's augmentation (:class:`lt_timm.detection.transforms.ReplicaAugment`, copy-paste)."""
+    hflip: float = 0.5
+    scale: Tuple[float, ...] = (0.8, 1.2)
+    translate: float = 0.1
+    min_visible: float = 0.3
+    crop_scale: Optional[Tuple[float, ...]] = None
+    copy_paste: float = 0.0
+    copy_paste_scale: Tuple[float, ...] = (0.5, 1.5)
+
+
+@dataclass(frozen=True)
+class DetectionSchedule:
+    """SGD, its step schedule with linear warmup (:func:`lt_timm.detection.train.lr_at`) and gradient clipping."""
+    epochs: int = 18
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_steps: Tuple[int, ...] = (12, 16)
+    lr_gamma: float = 0.1
+    warmup_iters: int = 100
+    clip_grad: float = 10.0
+
+
+@dataclass(frozen=True)
+class DetectionRunOptions:
+    """The run folder (``--output``, ``--experiment``, ``--resume``), logging and evaluation."""
+    output: str = 'output/detection'
+    experiment: str = ''
+    resume: str = ''
+    log_interval: int = 10
+    eval_interval: int = 1
+    no_plot: bool = False
+    eval_only: bool = False
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Everything ``train_detection.py`` runs with, resolved by :func:`lt_timm.cli.detection.resolve`: its ranks and
+    device, the typed options, and with ``--resume`` the run it continues (its flags already compared).
+
+    ``record`` holds the flags as parsed and resolved (dest -> value, in the parser's order): ``args.yaml`` is its
+    YAML, and each checkpoint's ``args`` is :meth:`saved_args`."""
     ranks: Ranks
-    coco_detector: bool
-    label_space: str
+    device: str
+    seed: int
+    data: DetectionDataOptions
+    detector: DetectorOptions
+    loss: InstanceLossOptions
+    batch: DetectionBatchOptions
+    augment: ReplicaAugmentOptions
+    schedule: DetectionSchedule
+    run: DetectionRunOptions
+    record: Mapping[str, Any]
     resumed: Optional[ResumePoint] = None
+
+    def saved_args(self, **extra: Any) -> argparse.Namespace:
+        """The flags as a checkpoint's ``args``: an argparse Namespace (timm's checkpoint format, which older runs
+        have and ``--resume`` reads back), with ``extra`` (the data's size, the number of processes) set after
+        them."""
+        saved = argparse.Namespace(**self.record)
+        for key, value in extra.items():
+            setattr(saved, key, value)
+        return saved

@@ -567,18 +567,19 @@ def test_train_user_errors(tmp_path, capsys):
 
 def test_block_batches_v1_and_full(tmp_path):
     """-b rows per batch in the layout of lt_timm.layout (short blocks too); v1 = N rows per epoch, full = m N."""
-    from types import SimpleNamespace
+    from dataclasses import replace
+    from lt_timm.config import DetectionBatchOptions
     from lt_timm.detection.data import BlockBatchSampler
     from lt_timm.detection.train import build_sampler
     from lt_timm.errors import UserError
     root = str(tmp_path / 'PennFudanPed')
     _write_pennfudan(root, 6)
-    args = SimpleNamespace(batch_size=4, aug_repeats=2, lt_epoch='v1', seed=0)
-    assert len(build_sampler(args, 6)) == 1  # 6 rows -> 1 batch of 4 rows (2 images x 2)
-    args.lt_epoch = 'full'
-    assert len(build_sampler(args, 6)) == 3  # 12 rows -> 3 batches
-    args.batch_size, args.aug_repeats = 8, 3  # blocks [3, 2, 3]: the short block in the middle
-    bs = BlockBatchSampler(build_sampler(args, 6))
+    batch = DetectionBatchOptions(batch_size=4, aug_repeats=2, lt_epoch='v1', seed=0)
+    assert len(build_sampler(batch, 6)) == 1  # 6 rows -> 1 batch of 4 rows (2 images x 2)
+    batch = replace(batch, lt_epoch='full')
+    assert len(build_sampler(batch, 6)) == 3  # 12 rows -> 3 batches
+    batch = replace(batch, batch_size=8, aug_repeats=3)  # blocks [3, 2, 3]: the short block in the middle
+    bs = BlockBatchSampler(build_sampler(batch, 6))
     batches = list(bs)
     assert len(batches) == 2 and [[c for _, c in b] for b in batches] == [[3, 2, 3]] * 2
     ds = ReplicaDataset(PennFudanDataset(root), 3, ReplicaAugment(), seed=0)
@@ -586,14 +587,14 @@ def test_block_batches_v1_and_full(tmp_path):
     assert len(images) == 8 and replica_groups(8, 3).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
     assert params[0] != params[1]  # replicas independently augmented
     # DDP ranks get disjoint images, same number of batches
-    args.batch_size, args.aug_repeats, args.lt_epoch = 2, 2, 'full'
-    r0, r1 = build_sampler(args, 6, 2, 0), build_sampler(args, 6, 2, 1)
+    batch = replace(batch, batch_size=2, aug_repeats=2, lt_epoch='full')
+    r0, r1 = build_sampler(batch, 6, 2, 0), build_sampler(batch, 6, 2, 1)
     seen0 = {i for b in r0 for i in b}
     seen1 = {i for b in r1 for i in b}
     assert len(r0) == len(r1) == 3 and not seen0 & seen1
-    args.batch_size = 4
+    batch = replace(batch, batch_size=4)
     with pytest.raises(UserError, match='too few'):
-        build_sampler(args, 1)
+        build_sampler(batch, 1)
 
 
 def test_detection_configs_parse():
@@ -625,3 +626,36 @@ def test_detection_configs_parse():
         assert ('pennfudan', 'maskrcnn', 'tv_resnet50', loss) in seen
     with pytest.raises(SystemExit):
         parse_args(['--data-dir', 'x', '--loss', 'jsd'])
+
+
+def test_detection_config_is_the_resolved_flags():
+    """What the run reads (lt_timm.config.DetectionConfig, built by the resolve step): every field of every option
+    group is the flag of that name (lists as tuples), the derived fields follow the flags, ``record`` is the flags in
+    the parser's order (args.yaml), and a checkpoint's ``args`` is a Namespace of the flags then the extras (the
+    format older runs saved, which --resume reads back); the settings are frozen."""
+    import argparse
+    import dataclasses
+    import glob
+    from lt_timm.cli.detection import detection_config, parse_args
+    files = sorted(glob.glob(os.path.join(REPO, 'configs', 'detection', '*.yaml')))
+    checked = set()
+    for f in files:
+        a = parse_args(['-c', f, '--data-dir', '/nonexistent', '--freeze', 'rpn', '--anchor-sizes', '32,64', '128'])
+        cfg = detection_config(a, coco_detector=True, label_space='coco_ids')
+        for group in (cfg.data, cfg.detector, cfg.loss, cfg.batch, cfg.augment, cfg.schedule, cfg.run):
+            for field in dataclasses.fields(group):
+                if hasattr(a, field.name):
+                    want = getattr(a, field.name)
+                    assert getattr(group, field.name) == (tuple(want) if isinstance(want, list) else want), field
+                    checked.add(field.name)
+        assert cfg.detector.freeze == ('rpn',) and cfg.detector.anchor_sizes == ((32, 64), 128)
+        assert cfg.data.masks == (a.model == 'maskrcnn') and cfg.data.label_space == 'coco_ids'
+        assert cfg.detector.coco_detector and cfg.device == a.device and cfg.seed == a.seed
+        assert cfg.loss.rho == (a.lt_rho if a.loss == 'losstransform' else 0.0)
+        assert list(cfg.record.items()) == list(vars(a).items())
+        saved = cfg.saved_args(train_images=3, world_size=2)
+        assert type(saved) is argparse.Namespace
+        assert list(vars(saved).items()) == list(vars(a).items()) + [('train_images', 3), ('world_size', 2)]
+    assert len(checked) >= 60  # (nearly) every flag reaches the run through a typed field
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.schedule.lr = 1.0

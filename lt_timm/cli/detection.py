@@ -1,8 +1,10 @@
 """``train_detection.py``'s command line: its flags (a ``-c`` YAML recipe, read by the same reader as ``train.py``'s,
 sets their defaults), the checks of the flags, and the resolve step before the run (matching mode and COCO detector
-checks, ``--threads``, the DDP ranks under ``torchrun``).
+checks, ``--threads``, the DDP ranks under ``torchrun``, ``--resume`` against its run) that returns the typed
+:class:`~lt_timm.config.DetectionConfig` the run reads.
 
-:func:`parse_args` only parses (and normalises what a recipe may leave empty); :func:`resolve` acts on the process.
+:func:`parse_args` only parses (and normalises what a recipe may leave empty); :func:`resolve` acts on the process
+and is the last place the flags' Namespace changes (``--device`` of a DDP rank); nothing below it reads the Namespace.
 """
 import argparse
 import logging
@@ -11,14 +13,16 @@ from typing import List, Optional
 
 import torch
 
-from ..config import DetectionSettings, Ranks, ResumePoint
+from ..config import (DetectionBatchOptions, DetectionConfig, DetectionDataOptions, DetectionRunOptions,
+                      DetectionSchedule, DetectorOptions, InstanceLossOptions, Ranks, ReplicaAugmentOptions,
+                      ResumePoint, settings_from)
 from ..errors import UserError, exit_on_user_error
 from .checks import (DETECTION_RESUME_FREE, DETECTION_RESUME_RECOVERY, anchor_size_entries, check_augment_args,
                      check_detection_args, check_match_args, check_resumed_flags, resumed_changes, resumed_folder)
 from .recipe import add_config_option, parse_with_recipe
 
-__all__ = ['build_parser', 'parse_args', 'resolve', 'main', 'LOSSES', 'MODELS', 'MATCH_MODES', 'DATASETS',
-           'DET_EPOCH_MODES', 'DETECTOR_WEIGHTS']
+__all__ = ['build_parser', 'parse_args', 'resolve', 'detection_config', 'main', 'LOSSES', 'MODELS', 'MATCH_MODES',
+           'DATASETS', 'DET_EPOCH_MODES', 'DETECTOR_WEIGHTS']
 
 _logger = logging.getLogger('train_detection')
 
@@ -179,9 +183,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def resolve(args: argparse.Namespace) -> DetectionSettings:
+def resolve(args: argparse.Namespace) -> DetectionConfig:
     """The checks that need the flags together (one UserError each), ``--threads``, then the DDP ranks under
-    ``torchrun`` (``--device cuda`` becomes this rank's ``cuda:LOCAL_RANK``)."""
+    ``torchrun`` (``--device cuda`` becomes this rank's ``cuda:LOCAL_RANK``) and ``--resume`` against its run;
+    returns the typed config."""
     from ..detection.finetune import (COCO_FIXED_FLAGS, check_coco_detector_args, dataset_label_space,
                                       uses_coco_detector)
     check_match_args(args.model, args.lt_match, args.lt_match_iou, args.lt_area_ratio)
@@ -199,8 +204,29 @@ def resolve(args: argparse.Namespace) -> DetectionSettings:
     ranks = _init_distributed(args)
     if ranks.distributed:
         _logger.info(f'Training in distributed mode: process {ranks.rank}/{ranks.world_size}, device {args.device}.')
-    return DetectionSettings(ranks=ranks, coco_detector=coco_detector, label_space=label_space,
-                             resumed=_resolve_resume(args, ranks))
+    return detection_config(args, ranks, coco_detector, label_space, _resolve_resume(args, ranks))
+
+
+def _tuple(values) -> Optional[tuple]:
+    return None if values is None else tuple(values)
+
+
+def detection_config(args: argparse.Namespace, ranks: Ranks = Ranks(), coco_detector: bool = False,
+                     label_space: str = 'contiguous', resumed: Optional[ResumePoint] = None) -> DetectionConfig:
+    """The resolved flags as typed settings (field names are the flags' dest names; lists become tuples);
+    ``record``: the flags themselves, for ``args.yaml`` and each checkpoint's ``args``."""
+    return DetectionConfig(
+        ranks=ranks, device=args.device, seed=args.seed,
+        data=settings_from(DetectionDataOptions, args, masks=args.model == 'maskrcnn', label_space=label_space),
+        detector=settings_from(DetectorOptions, args, coco_detector=coco_detector, freeze=tuple(args.freeze),
+                               anchor_sizes=_tuple(args.anchor_sizes), fpn_strides=_tuple(args.fpn_strides)),
+        loss=settings_from(InstanceLossOptions, args),
+        batch=settings_from(DetectionBatchOptions, args),
+        augment=settings_from(ReplicaAugmentOptions, args, scale=tuple(args.scale),
+                              crop_scale=_tuple(args.crop_scale), copy_paste_scale=tuple(args.copy_paste_scale)),
+        schedule=settings_from(DetectionSchedule, args, lr_steps=tuple(args.lr_steps or ())),
+        run=settings_from(DetectionRunOptions, args),
+        record=dict(vars(args)), resumed=resumed)
 
 
 def _resolve_resume(args: argparse.Namespace, ranks: Ranks) -> Optional[ResumePoint]:
@@ -248,8 +274,8 @@ def _main(argv: Optional[List[str]]) -> int:
     from ..detection.train import evaluate_only, train
     from ..training import close_process_group
     utils.setup_default_logging()
-    args = parse_args(argv)
-    (evaluate_only if args.eval_only else train)(args, resolve(args))
+    config = resolve(parse_args(argv))
+    (evaluate_only if config.run.eval_only else train)(config)
     close_process_group()  # DDP: the process group torn down before exit
     return 0
 

@@ -13,17 +13,18 @@ process or DDP under ``torchrun``). Every checkpoint holds the summary rows up t
 after it, so ``--resume`` after a kill at any moment rewrites ``summary.csv`` to match the checkpoint; Ctrl-C,
 SIGTERM and a lost DDP process stop the run with one line and the command that resumes it.
 
-A run is :func:`setup` (datasets, sampler, detector, optimizer, resume, loaders: a :class:`DetectionRun`) then
-:func:`fit` (the run folder, then per epoch: train, check the weights, evaluate, checkpoint, summary row).
+A run reads the typed :class:`~lt_timm.config.DetectionConfig` that :func:`lt_timm.cli.detection.resolve` builds
+(never the flags' Namespace): :func:`setup` (datasets, sampler, detector, optimizer, resume, loaders: a
+:class:`DetectionRun`) then :func:`fit` (the run folder, then per epoch: train, check the weights, evaluate,
+checkpoint, summary row).
 
 The paper's Table 6 protocol (fine-tune torchvision's COCO Faster R-CNN, RetinaNet and Mask R-CNN* with FPN and RPN
 frozen): ``--detector-weights coco`` (or ``--detector-checkpoint FILE``, the same weights from disk) builds
 torchvision's COCO detector for ``--model`` (:func:`lt_timm.detection.backbone.build_coco_detector`) and trains on
-COCO category ids (``CocoDetectionDataset(label_space='coco_ids')``, chosen here); ``--reset-predictors`` replaces
-its class predictors for another label set; ``--freeze NAME ...`` freezes submodules (Mask R-CNN*: ``--freeze
-backbone.fpn rpn``). Recipes: ``configs/detection/table6_*.yaml``.
+COCO category ids (``CocoDetectionDataset(label_space='coco_ids')``, chosen by the command line);
+``--reset-predictors`` replaces its class predictors for another label set; ``--freeze NAME ...`` freezes submodules
+(Mask R-CNN*: ``--freeze backbone.fpn rpn``). Recipes: ``configs/detection/table6_*.yaml``.
 """
-import argparse
 import logging
 import os
 import time
@@ -34,57 +35,58 @@ import torch
 import yaml
 
 from ..checkpoints import write_checkpoint
-from ..config import DetectionSettings, Ranks, ResumePoint
+from ..config import (DetectionBatchOptions, DetectionConfig, DetectionDataOptions, DetectionSchedule,
+                      DetectorOptions, Ranks, ResumePoint)
 from ..errors import Terminated, UserError, os_error_message
 from ..run_dir import (append_summary, claim_run_dir, lost_a_process, read_summary_rows, remove_stale_tmp,
                        resume_hint, stopped_run, summary_row, write_summary)
 from .finetune import build_model, check_coco_categories, freeze_submodules, hold_frozen_norms
 
-__all__ = ['setup', 'fit', 'train', 'evaluate_only', 'DetectionRun', 'build_datasets', 'build_sampler', 'detector_options',
-           'runtime_options', 'lr_at', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['setup', 'fit', 'train', 'evaluate_only', 'DetectionRun', 'build_datasets', 'build_sampler',
+           'detector_options', 'runtime_options', 'lr_at', 'save_checkpoint', 'load_checkpoint']
 
 _logger = logging.getLogger('train_detection')
 
 
 # ------------------------------------------------------------------------------------------------ data
-def build_datasets(args, label_space: str = 'contiguous'):
-    """Training and validation datasets and their indices; ``label_space`` is the COCO dataset's (see
-    :func:`dataset_label_space`)."""
+def build_datasets(data: DetectionDataOptions):
+    """Training and validation datasets and their indices (``data.label_space``: the COCO dataset's labels, see
+    :func:`lt_timm.detection.finetune.dataset_label_space`)."""
     from .data import CocoDetectionDataset, PennFudanDataset, split_indices
-    if not os.path.isdir(args.data_dir):
-        raise UserError(f'dataset directory not found: {args.data_dir}; pass the dataset root with --data-dir '
+    if not os.path.isdir(data.data_dir):
+        raise UserError(f'dataset directory not found: {data.data_dir}; pass the dataset root with --data-dir '
                         f'(PennFudanPed: the folder holding PNGImages/ and PedMasks/; COCO: the folder holding '
-                        f'{args.train_split}/, {args.val_split}/ and annotations/).')
-    if args.dataset == 'pennfudan':
-        base = PennFudanDataset(args.data_dir, img_size=args.img_size)
-        tr, va = split_indices(len(base), args.val_size, args.split_seed)
+                        f'{data.train_split}/, {data.val_split}/ and annotations/).')
+    if data.dataset == 'pennfudan':
+        base = PennFudanDataset(data.data_dir, img_size=data.img_size)
+        tr, va = split_indices(len(base), data.val_size, data.split_seed)
         train_base, val_base = base, base
-    elif args.dataset == 'voc':
-        train_base, val_base = _voc(args, args.train_split), _voc(args, args.val_split)
+    elif data.dataset == 'voc':
+        train_base, val_base = _voc(data, data.train_split), _voc(data, data.val_split)
         tr, va = list(range(len(train_base))), list(range(len(val_base)))
     else:
         def coco(split):
-            return CocoDetectionDataset(os.path.join(args.data_dir, split),
-                                        os.path.join(args.data_dir, 'annotations', f'instances_{split}.json'),
-                                        img_size=args.img_size, masks=args.model == 'maskrcnn',
-                                        remove_empty=False, label_space=label_space)
-        train_base, val_base = coco(args.train_split), coco(args.val_split)
+            return CocoDetectionDataset(os.path.join(data.data_dir, split),
+                                        os.path.join(data.data_dir, 'annotations', f'instances_{split}.json'),
+                                        img_size=data.img_size, masks=data.masks,
+                                        remove_empty=False, label_space=data.label_space)
+        train_base, val_base = coco(data.train_split), coco(data.val_split)
         tr, va = list(range(len(train_base))), list(range(len(val_base)))
-    if args.train_size:
-        tr = tr[:args.train_size]
-    if args.max_val:
-        va = va[:args.max_val]
+    if data.train_size:
+        tr = tr[:data.train_size]
+    if data.max_val:
+        va = va[:data.max_val]
     if not va:
-        raise UserError(f'no validation images (--val-size {args.val_size}, --max-val {args.max_val}); every run '
+        raise UserError(f'no validation images (--val-size {data.val_size}, --max-val {data.max_val}); every run '
                         f'is evaluated: set --val-size (PennFudanPed) or --max-val to at least 1.')
     return train_base, tr, val_base, va
 
 
-def _voc(args, image_set: str):
+def _voc(data: DetectionDataOptions, image_set: str):
     """PASCAL VOC 2012 (``--data-dir`` = the VOC2012 folder), instances as ``--voc-instances`` says."""
     from .voc import VOCInstanceDataset
-    return VOCInstanceDataset(args.data_dir, image_set, instances=args.voc_instances,
-                              connectivity=args.voc_connectivity, min_area=args.voc_min_area, img_size=args.img_size)
+    return VOCInstanceDataset(data.data_dir, image_set, instances=data.voc_instances,
+                              connectivity=data.voc_connectivity, min_area=data.voc_min_area, img_size=data.img_size)
 
 
 class _Subset(torch.utils.data.Dataset):
@@ -100,59 +102,59 @@ class _Subset(torch.utils.data.Dataset):
         return self.base[self.idx[i]]
 
 
-def runtime_options(args) -> Dict:
+def runtime_options(det: DetectorOptions) -> Dict:
     """The flags' torchvision detector settings that do not change the architecture (state dict): image size of
     the internal transform (``--img-size``, else torchvision's 800 / 1333), proposal / RoI counts, detection cap
     (R-CNN-only options are not passed to RetinaNet)."""
-    sizes = dict(min_size=args.img_size, max_size=args.img_size) if args.img_size else dict(min_size=800,
-                                                                                            max_size=1333)
-    if args.model == 'retinanet':
-        return dict(sizes, detections_per_img=args.detections_per_img)
-    return dict(sizes, rpn_pre_nms_top_n_train=args.rpn_pre_nms, rpn_post_nms_top_n_train=args.rpn_post_nms,
-                box_batch_size_per_image=args.box_batch_per_image, box_detections_per_img=args.detections_per_img)
+    sizes = dict(min_size=det.img_size, max_size=det.img_size) if det.img_size else dict(min_size=800, max_size=1333)
+    if det.model == 'retinanet':
+        return dict(sizes, detections_per_img=det.detections_per_img)
+    return dict(sizes, rpn_pre_nms_top_n_train=det.rpn_pre_nms, rpn_post_nms_top_n_train=det.rpn_post_nms,
+                box_batch_size_per_image=det.box_batch_per_image, box_detections_per_img=det.detections_per_img)
 
 
-def detector_options(args) -> Dict:
+def detector_options(det: DetectorOptions) -> Dict:
     """Keyword arguments of :func:`lt_timm.detection.backbone.build_detector` from the flags (R-CNN-only options
     are not passed to RetinaNet)."""
-    arch = dict(pretrained=args.pretrained, anchor_sizes=args.anchor_sizes, fpn_channels=args.fpn_channels)
-    if args.model != 'retinanet':
-        arch.update(mask_head_channels=args.mask_head_channels, box_head_dim=args.box_head_dim,
-                    fpn_strides=args.fpn_strides, fpn_extra=args.fpn_extra)
-    return dict(runtime_options(args), **arch)
+    arch = dict(pretrained=det.pretrained, anchor_sizes=det.anchor_sizes, fpn_channels=det.fpn_channels)
+    if det.model != 'retinanet':
+        arch.update(mask_head_channels=det.mask_head_channels, box_head_dim=det.box_head_dim,
+                    fpn_strides=det.fpn_strides, fpn_extra=det.fpn_extra)
+    return dict(runtime_options(det), **arch)
 
 
-def build_sampler(args, num_images: int, world_size: int = 1, rank: int = 0):
+def build_sampler(batch: DetectionBatchOptions, num_images: int, world_size: int = 1, rank: int = 0):
     """The grouped repeated-augmentation batch sampler of the classification loader (``-b`` rows per batch;
     ``--lt-epoch original``: ``-b`` images x m rows)."""
     from ..layout import rows_per_step
     from ..sampler import RepeatedAugBatchSampler
-    rows = rows_per_step(args.batch_size, args.aug_repeats, args.lt_epoch)
+    rows = rows_per_step(batch.batch_size, batch.aug_repeats, batch.lt_epoch)
     try:
-        return RepeatedAugBatchSampler(num_images, rows, args.aug_repeats, num_replicas=world_size,
-                                       rank=rank, shuffle=True, epoch_mode=args.lt_epoch, seed=args.seed)
+        return RepeatedAugBatchSampler(num_images, rows, batch.aug_repeats, num_replicas=world_size,
+                                       rank=rank, shuffle=True, epoch_mode=batch.lt_epoch, seed=batch.seed)
     except ValueError as e:
         raise UserError(f'{e} (or --lt-epoch full: each image m times per epoch)') from e
 
 
-def lr_at(args, epoch: int, it: int, iters_per_epoch: int) -> float:
+def lr_at(schedule: DetectionSchedule, epoch: int, it: int, iters_per_epoch: int) -> float:
     """Step schedule with linear warmup: a pure function of (epoch, step), so ``--resume`` continues it exactly."""
-    lr = args.lr * args.lr_gamma ** sum(1 for s in (args.lr_steps or []) if epoch >= s)
+    lr = schedule.lr * schedule.lr_gamma ** sum(1 for s in schedule.lr_steps if epoch >= s)
     step = epoch * iters_per_epoch + it
-    if args.warmup_iters and step < args.warmup_iters:
-        a = step / args.warmup_iters
+    if schedule.warmup_iters and step < schedule.warmup_iters:
+        a = step / schedule.warmup_iters
         lr *= 0.001 * (1 - a) + a
     return lr
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: str, model: torch.nn.Module, optimizer, epoch: int, args, metric=None,
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer, epoch: int, saved_args: Any, metric=None,
                     extra: Optional[Dict] = None) -> None:
-    """timm's checkpoint layout (``state_dict``, ``optimizer``, ``epoch``, ``args``, ``version`` 2; ``extra``
-    entries added), written to a tmp file and moved over ``path`` with ``os.replace``: ``path`` is always a complete
-    checkpoint. A write that fails (full disk, file-size limit) removes the tmp file and is one UserError."""
+    """timm's checkpoint layout (``state_dict``, ``optimizer``, ``epoch``, ``args``: ``saved_args`` as given, see
+    :meth:`lt_timm.config.DetectionConfig.saved_args`; ``version`` 2; ``extra`` entries added), written to a tmp
+    file and moved over ``path`` with ``os.replace``: ``path`` is always a complete checkpoint. A write that fails
+    (full disk, file-size limit) removes the tmp file and is one UserError."""
     state = {'epoch': epoch, 'arch': type(model).__name__, 'state_dict': model.state_dict(),
-             'optimizer': optimizer.state_dict(), 'args': args, 'version': 2, 'metric': metric, **(extra or {})}
+             'optimizer': optimizer.state_dict(), 'args': saved_args, 'version': 2, 'metric': metric, **(extra or {})}
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
         write_checkpoint(state, tmp)
@@ -163,8 +165,9 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer, epoch: int, ar
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer, args) -> int:
-    """Restore model and optimizer from ``path``; returns the epoch to continue at. Problems are UserErrors."""
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer, detector: DetectorOptions) -> int:
+    """Restore model and optimizer from ``path``; returns the epoch to continue at. Problems are UserErrors (naming
+    ``detector``'s ``--model`` and ``--backbone``)."""
     from ..modeling import checkpoint_problem, read_checkpoint
     if not os.path.isfile(path):
         raise UserError(f'--resume checkpoint {path} not found; pass the last.pth.tar of the run to continue.')
@@ -176,7 +179,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer, args) -> int:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(checkpoint_problem(path, e, f'--model {args.model} --backbone {args.backbone} of this '
+        raise UserError(checkpoint_problem(path, e, f'--model {detector.model} --backbone {detector.backbone} of this '
                                                     f'dataset')) from e
 
 
@@ -226,19 +229,19 @@ class DetectionRun:
     epoch: Optional[int] = None  # the epoch in progress (named when the run is stopped)
 
 
-def setup(args: argparse.Namespace, settings: DetectionSettings) -> DetectionRun:
+def setup(config: DetectionConfig) -> DetectionRun:
     """Datasets and the grouped sampler, the detector and its optimizer (restored with ``--resume``), the loaders."""
-    device = torch.device(args.device)
-    ranks = settings.ranks
-    train_base, tr_idx, val_base, va_idx = build_datasets(args, settings.label_space)
-    sampler = build_sampler(args, len(tr_idx), ranks.world_size, ranks.rank)
-    num_classes = _num_classes(args, settings.label_space, train_base, val_base)
-    _check_resumed_data(settings.resumed, len(tr_idx), len(va_idx), num_classes)
-    torch.manual_seed(args.seed)
-    run = _build_net(args, settings, device, num_classes)
-    run.num_train, run.num_val, run.resumed = len(tr_idx), len(va_idx), settings.resumed
-    run.labels = _coco_labels(train_base, num_classes) if settings.coco_detector else ''
-    _build_loaders(args, run, sampler, train_base, tr_idx, val_base, va_idx)
+    device = torch.device(config.device)
+    ranks = config.ranks
+    train_base, tr_idx, val_base, va_idx = build_datasets(config.data)
+    sampler = build_sampler(config.batch, len(tr_idx), ranks.world_size, ranks.rank)
+    num_classes = _num_classes(config, train_base, val_base)
+    _check_resumed_data(config.resumed, len(tr_idx), len(va_idx), num_classes)
+    torch.manual_seed(config.seed)
+    run = _build_net(config, device, num_classes)
+    run.num_train, run.num_val, run.resumed = len(tr_idx), len(va_idx), config.resumed
+    run.labels = _coco_labels(train_base, num_classes) if config.detector.coco_detector else ''
+    _build_loaders(config, run, sampler, train_base, tr_idx, val_base, va_idx)
     return run
 
 
@@ -254,12 +257,12 @@ def _check_resumed_data(resumed: Optional[ResumePoint], num_train: int, num_val:
                         f'run\'s data, or start a new run (a new --experiment) on this data.')
 
 
-def _num_classes(args, label_space: str, train_base, val_base) -> int:
+def _num_classes(config: DetectionConfig, train_base, val_base) -> int:
     """The dataset's classes; the COCO detector's 91 outputs (COCO category ids) when it keeps its predictors."""
-    if label_space != 'coco_ids':
+    if config.data.label_space != 'coco_ids':
         return train_base.num_classes
     from .backbone import coco_category_names
-    names = coco_category_names(args.model, args.backbone)
+    names = coco_category_names(config.detector.model, config.detector.backbone)
     for ds in (train_base, val_base):
         check_coco_categories(ds.categories, names, ds.ann_file)
     return len(names)
@@ -270,68 +273,72 @@ def _coco_labels(train_base, num_classes: int) -> str:
             else f'1..{num_classes - 1} (fresh class predictors)')
 
 
-def _build_net(args, settings: DetectionSettings, device: torch.device, num_classes: int) -> DetectionRun:
+def _build_net(config: DetectionConfig, device: torch.device, num_classes: int) -> DetectionRun:
     """The detector (frozen parts), T(l_multi) around it, SGD over what trains, ``--resume``, DDP."""
     from .consistency import InstanceLossTransform
-    model = build_model(args.model, args.backbone, num_classes, settings.coco_detector, args.detector_checkpoint,
-                        args.reset_predictors, detector_options(args), runtime_options(args))
-    frozen = freeze_submodules(model, args.freeze)
-    rho = args.lt_rho if args.loss == 'losstransform' else 0.0
-    net = InstanceLossTransform(model, args.aug_repeats, rho=rho, box_weight=args.lt_box_weight,
-                                mask_weight=args.lt_mask_weight, min_visible=args.lt_min_visible,
-                                detach_consensus=args.lt_detach, match=args.lt_match,
-                                match_iou=args.lt_match_iou, area_ratio=args.lt_area_ratio).to(device)
+    det, loss, sched = config.detector, config.loss, config.schedule
+    model = build_model(det.model, det.backbone, num_classes, det.coco_detector, det.detector_checkpoint,
+                        det.reset_predictors, detector_options(det), runtime_options(det))
+    frozen = freeze_submodules(model, det.freeze)
+    rho = loss.rho
+    net = InstanceLossTransform(model, loss.aug_repeats, rho=rho, box_weight=loss.lt_box_weight,
+                                mask_weight=loss.lt_mask_weight, min_visible=loss.lt_min_visible,
+                                detach_consensus=loss.lt_detach, match=loss.lt_match,
+                                match_iou=loss.lt_match_iou, area_ratio=loss.lt_area_ratio).to(device)
     params = [q for q in net.parameters() if q.requires_grad]
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start_epoch = load_checkpoint(args.resume, net.model, opt, args) if args.resume else 0
+    opt = torch.optim.SGD(params, lr=sched.lr, momentum=sched.momentum, weight_decay=sched.weight_decay)
+    resume = config.run.resume
+    start_epoch = load_checkpoint(resume, net.model, opt, det) if resume else 0
     train_net = net
-    if settings.ranks.world_size > 1:
+    if config.ranks.world_size > 1:
         train_net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device] if device.type == 'cuda' else None)
-    return DetectionRun(ranks=settings.ranks, device=device, net=net, train_net=train_net, params=params,
+    return DetectionRun(ranks=config.ranks, device=device, net=net, train_net=train_net, params=params,
                         optimizer=opt, loader=None, train_ds=None, start_epoch=start_epoch, num_train=0, num_val=0,
                         num_classes=num_classes, rho=rho, frozen=frozen)
 
 
-def _build_loaders(args, run: DetectionRun, sampler, train_base, tr_idx, val_base, va_idx) -> None:
+def _build_loaders(config: DetectionConfig, run: DetectionRun, sampler, train_base, tr_idx, val_base,
+                   va_idx) -> None:
     """The grouped training loader (each item: an image decoded once, augmented per replica; randomness = f(seed,
     epoch, image)); on the primary rank the validation loader and its COCO ground truth."""
     from .copy_paste import CopyPaste
     from .data import BlockBatchSampler, ReplicaDataset, eval_collate, replica_collate
     from .evaluate import coco_from_dataset
     from .transforms import ReplicaAugment
-    augment = ReplicaAugment(args.hflip, args.scale, args.translate, args.min_visible, crop_scale=args.crop_scale)
-    paste = CopyPaste(args.copy_paste, args.copy_paste_scale, args.min_visible) if args.copy_paste else None
-    run.train_ds = ReplicaDataset(train_base, args.aug_repeats, augment, indices=tr_idx, seed=args.seed,
+    aug, batch = config.augment, config.batch
+    augment = ReplicaAugment(aug.hflip, aug.scale, aug.translate, aug.min_visible, crop_scale=aug.crop_scale)
+    paste = CopyPaste(aug.copy_paste, aug.copy_paste_scale, aug.min_visible) if aug.copy_paste else None
+    run.train_ds = ReplicaDataset(train_base, batch.aug_repeats, augment, indices=tr_idx, seed=batch.seed,
                                   copy_paste=paste)
     run.loader = torch.utils.data.DataLoader(run.train_ds, batch_sampler=BlockBatchSampler(sampler),
-                                             num_workers=args.workers, collate_fn=replica_collate)
+                                             num_workers=batch.workers, collate_fn=replica_collate)
     if run.ranks.is_primary:
         val_ds = _Subset(val_base, va_idx)
-        run.val_loader = torch.utils.data.DataLoader(val_ds, batch_size=2, shuffle=False, num_workers=args.workers,
+        run.val_loader = torch.utils.data.DataLoader(val_ds, batch_size=2, shuffle=False, num_workers=batch.workers,
                                                      collate_fn=eval_collate)
-        run.coco_gt = coco_from_dataset(val_ds, with_masks=args.model == 'maskrcnn')
+        run.coco_gt = coco_from_dataset(val_ds, with_masks=config.detector.model == 'maskrcnn')
 
 
 # ----------------------------------------------------------------------------------------------- fit
-def fit(args: argparse.Namespace, run: DetectionRun) -> Dict:
+def fit(config: DetectionConfig, run: DetectionRun) -> Dict:
     """Train ``run`` from its start epoch to ``--epochs`` (run folder on the primary rank); returns the output folder,
     the last epoch's metrics and the dataset sizes."""
     from ..plots import plot_training_curves
-    output, exp = _run_name(args)
+    output, exp = _run_name(config)
     out_dir, lock, metrics = None, None, {}
     try:
         if run.ranks.is_primary:
-            lock = claim_run_dir(output, exp, args.resume, folder=run.resumed.folder if run.resumed else '')
+            lock = claim_run_dir(output, exp, config.run.resume, folder=run.resumed.folder if run.resumed else '')
             out_dir = os.path.dirname(lock.path)
-            _open_run_dir(args, run, out_dir)
+            _open_run_dir(config, run, out_dir)
         summary_path = os.path.join(out_dir, 'summary.csv') if out_dir else None
-        for epoch in range(run.start_epoch, args.epochs):
+        for epoch in range(run.start_epoch, config.schedule.epochs):
             run.epoch = epoch
-            metrics = _fit_epoch(args, run, epoch, out_dir)
-        if run.ranks.is_primary and not args.no_plot and os.path.exists(summary_path):
+            metrics = _fit_epoch(config, run, epoch, out_dir)
+        if run.ranks.is_primary and not config.run.no_plot and os.path.exists(summary_path):
             png = plot_training_curves(summary_path, os.path.join(out_dir, 'curves.png'),
-                                       title=f'{exp}: --loss {args.loss}')
+                                       title=f'{exp}: --loss {config.loss.loss}')
             _logger.info(f'Training curves: {png}')
     except (KeyboardInterrupt, Terminated, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not (run.ranks.world_size > 1 and lost_a_process(e)):
@@ -344,26 +351,26 @@ def fit(args: argparse.Namespace, run: DetectionRun) -> Dict:
     return {'output': out_dir, 'final': metrics, 'num_train': run.num_train, 'num_val': run.num_val}
 
 
-def train(args: argparse.Namespace, settings: DetectionSettings) -> Dict:
+def train(config: DetectionConfig) -> Dict:
     """:func:`setup` then :func:`fit`."""
-    return fit(args, setup(args, settings))
+    return fit(config, setup(config))
 
 
-def evaluate_only(args: argparse.Namespace, settings: DetectionSettings) -> Dict:
+def evaluate_only(config: DetectionConfig) -> Dict:
     """``--eval-only``: :func:`setup`, then the detector as built / loaded (e.g. torchvision's COCO weights, the
     paper's Table 6 baseline row) evaluated on the validation set; ``eval.json`` (and ``args.yaml``) in the run
     folder. No training, no checkpoint."""
     import json
-    run = setup(args, settings)
-    output, exp = _run_name(args)
+    run = setup(config)
+    output, exp = _run_name(config)
     if not run.ranks.is_primary:
         return {}
-    lock = claim_run_dir(output, exp + '-eval' if not args.experiment else exp, '')
+    lock = claim_run_dir(output, exp + '-eval' if not config.run.experiment else exp, '')
     try:
         out_dir = os.path.dirname(lock.path)
         with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(vars(args), f, sort_keys=False)
-        metrics = _evaluate(args, run, args.epochs - 1)
+            _dump_flags(config, f)
+        metrics = _evaluate(config, run, config.schedule.epochs - 1)
         with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
             json.dump({'epoch': run.start_epoch, 'num_val': run.num_val, **metrics}, f, indent=2)
     finally:
@@ -371,24 +378,30 @@ def evaluate_only(args: argparse.Namespace, settings: DetectionSettings) -> Dict
     return {'output': out_dir, 'final': metrics, 'num_train': run.num_train, 'num_val': run.num_val}
 
 
-def _run_name(args):
+def _run_name(config: DetectionConfig):
     """(output root, run folder name): a resumed run continues in its checkpoint's own folder."""
-    output, exp = args.output, args.experiment
-    if args.resume and not exp:
-        output, exp = os.path.split(os.path.dirname(os.path.abspath(args.resume)))
-    return output, exp or f'{args.dataset}-{args.model}-{args.backbone}-{args.loss}-s{args.seed}'
+    output, exp, resume = config.run.output, config.run.experiment, config.run.resume
+    if resume and not exp:
+        output, exp = os.path.split(os.path.dirname(os.path.abspath(resume)))
+    det = config.detector
+    return output, exp or f'{config.data.dataset}-{det.model}-{det.backbone}-{config.loss.loss}-s{config.seed}'
 
 
-def _resumed_rows(args, run: DetectionRun, out_dir: str) -> None:
+def _dump_flags(config: DetectionConfig, stream) -> None:
+    """The flags as ``args.yaml`` holds them (in the parser's order)."""
+    yaml.safe_dump(dict(config.record), stream, sort_keys=False)
+
+
+def _resumed_rows(config: DetectionConfig, run: DetectionRun, out_dir: str) -> None:
     """A resumed run: what a kill left half-done removed, ``summary.csv`` rewritten from the rows its checkpoint
     holds (older checkpoints: the file's rows before the start), ``args.yaml`` kept (changed options recorded in
     ``args-resume-<epoch>.yaml``)."""
     from ..modeling import read_checkpoint_meta
-    summary = os.path.join(out_dir, 'summary.csv')
-    in_place = os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(out_dir)
+    summary, resume = os.path.join(out_dir, 'summary.csv'), config.run.resume
+    in_place = os.path.abspath(os.path.dirname(resume)) == os.path.abspath(out_dir)
     if in_place:
         remove_stale_tmp(out_dir)
-    rows = (read_checkpoint_meta(args.resume) or {}).get('summary')
+    rows = (read_checkpoint_meta(resume) or {}).get('summary')
     if rows is None:
         rows = read_summary_rows(summary) if in_place else []
     run.summary_rows = [r for r in rows if int(float(r['epoch'])) < run.start_epoch]
@@ -399,57 +412,58 @@ def _resumed_rows(args, run: DetectionRun, out_dir: str) -> None:
         record = os.path.join(out_dir, f'args-resume-{run.start_epoch}.yaml')
         with open(record, 'w') as f:
             f.write(f'# resumed at epoch {run.start_epoch} with: {"; ".join(changes)}\n')
-            yaml.safe_dump(vars(args), f, sort_keys=False)
+            _dump_flags(config, f)
         _logger.warning(f'Resumed with {"; ".join(changes)} from epoch {run.start_epoch} on; recorded in {record}.')
     if not in_place:
-        _write_args(args, out_dir)
+        _write_args(config, out_dir)
 
 
-def _write_args(args, out_dir: str) -> None:
+def _write_args(config: DetectionConfig, out_dir: str) -> None:
     tmp = os.path.join(out_dir, 'args.yaml.tmp')
     with open(tmp, 'w') as f:
-        yaml.safe_dump(vars(args), f, sort_keys=False)
+        _dump_flags(config, f)
     os.replace(tmp, os.path.join(out_dir, 'args.yaml'))
 
 
-def _open_run_dir(args, run: DetectionRun, out_dir: str) -> None:
+def _open_run_dir(config: DetectionConfig, run: DetectionRun, out_dir: str) -> None:
     """A resumed run's folder completed (:func:`_resumed_rows`), else ``args.yaml`` written; the run described in
     the log."""
     from ..layout import rows_per_step
-    if args.resume:
-        _resumed_rows(args, run, out_dir)
+    det, batch, resume = config.detector, config.batch, config.run.resume
+    if resume:
+        _resumed_rows(config, run, out_dir)
     else:
-        _write_args(args, out_dir)
+        _write_args(config, out_dir)
     if run.labels:
-        source = args.detector_checkpoint or 'torchvision COCO_V1 (torch hub cache)'
-        _logger.info(f'torchvision\'s COCO detector for --model {args.model}, weights from {source}; '
+        source = det.detector_checkpoint or 'torchvision COCO_V1 (torch hub cache)'
+        _logger.info(f'torchvision\'s COCO detector for --model {det.model}, weights from {source}; '
                      f'labels: {run.labels}.')
-    if args.freeze:
-        _logger.info(f'Frozen: {" ".join(args.freeze)} ({len(run.frozen)} parameter tensors); '
+    if det.freeze:
+        _logger.info(f'Frozen: {" ".join(det.freeze)} ({len(run.frozen)} parameter tensors); '
                      f'{sum(q.numel() for q in run.params) / 1e6:.2f}M parameters trained.')
     world = run.ranks.world_size
     _logger.info(
-        f'{args.model} on {args.backbone} ({sum(p.numel() for p in run.net.model.parameters()) / 1e6:.2f}M params), '
-        f'{run.num_train} train / {run.num_val} val images, loss {args.loss} (rho {run.rho}, --lt-match '
-        f'{args.lt_match}). Sampler: grouped '
-        f'repeats m={args.aug_repeats}, mode {args.lt_epoch}, {len(run.loader)} batches/epoch of '
-        f'{rows_per_step(args.batch_size, args.aug_repeats, args.lt_epoch)} rows'
+        f'{det.model} on {det.backbone} ({sum(p.numel() for p in run.net.model.parameters()) / 1e6:.2f}M params), '
+        f'{run.num_train} train / {run.num_val} val images, loss {config.loss.loss} (rho {run.rho}, --lt-match '
+        f'{config.loss.lt_match}). Sampler: grouped '
+        f'repeats m={batch.aug_repeats}, mode {batch.lt_epoch}, {len(run.loader)} batches/epoch of '
+        f'{rows_per_step(batch.batch_size, batch.aug_repeats, batch.lt_epoch)} rows'
         + (f' per rank x {world} ranks' if world > 1 else '') + f'. Output: {out_dir}. '
-        f'Epochs {run.start_epoch}..{args.epochs - 1}.')
-    if args.resume:
-        _logger.info(f'Resumed from {args.resume}, continuing at epoch {run.start_epoch}.')
+        f'Epochs {run.start_epoch}..{config.schedule.epochs - 1}.')
+    if resume:
+        _logger.info(f'Resumed from {resume}, continuing at epoch {run.start_epoch}.')
 
 
-def _fit_epoch(args, run: DetectionRun, epoch: int, out_dir: Optional[str]) -> Dict:
+def _fit_epoch(config: DetectionConfig, run: DetectionRun, epoch: int, out_dir: Optional[str]) -> Dict:
     """One epoch: train, check the weights, evaluate (every ``--eval-interval`` and the last), then on the primary
     rank the checkpoint and its summary row (checkpoint first: a resumed run drops rows past its start)."""
     from ..modeling import all_finite
-    metrics = _train_epoch(args, epoch, run, out_dir)
+    metrics = _train_epoch(config, epoch, run, out_dir)
     if not all_finite(run.net.model):
         raise _diverged('the weights are no longer finite (NaN/inf)', epoch, out_dir)
-    eval_metrics = _evaluate(args, run, epoch)
+    eval_metrics = _evaluate(config, run, epoch)
     if run.ranks.is_primary:
-        _commit_epoch(args, run, epoch, metrics, eval_metrics, out_dir)
+        _commit_epoch(config, run, epoch, metrics, eval_metrics, out_dir)
         metrics.update({f'eval_{k}': v for k, v in eval_metrics.items()})
     if run.ranks.world_size > 1:
         import torch.distributed as dist
@@ -457,13 +471,13 @@ def _fit_epoch(args, run: DetectionRun, epoch: int, out_dir: Optional[str]) -> D
     return metrics
 
 
-def _commit_epoch(args, run: DetectionRun, epoch: int, metrics: Dict, eval_metrics: Dict, out_dir: str) -> None:
+def _commit_epoch(config: DetectionConfig, run: DetectionRun, epoch: int, metrics: Dict, eval_metrics: Dict,
+                  out_dir: str) -> None:
     """The checkpoint (holding every summary row up to this epoch, and the data's size for ``--resume``), then the
     epoch's ``summary.csv`` row."""
     row = summary_row(epoch, metrics, eval_metrics, lr=metrics.pop('lr_last'))
-    saved = argparse.Namespace(**vars(args))
-    saved.train_images, saved.eval_images, saved.num_classes = run.num_train, run.num_val, run.num_classes
-    saved.world_size = run.ranks.world_size
+    saved = config.saved_args(train_images=run.num_train, eval_images=run.num_val, num_classes=run.num_classes,
+                              world_size=run.ranks.world_size)
     last = os.path.join(out_dir, 'last.pth.tar')
     save_checkpoint(last, run.net.model, run.optimizer, epoch, saved, metric=eval_metrics.get('box_AP'),
                     extra={'summary': run.summary_rows + [row]})
@@ -475,11 +489,11 @@ def _commit_epoch(args, run: DetectionRun, epoch: int, metrics: Dict, eval_metri
                         f'there with its summary row, which resuming writes).') from None
 
 
-def _evaluate(args, run: DetectionRun, epoch: int) -> Dict:
+def _evaluate(config: DetectionConfig, run: DetectionRun, epoch: int) -> Dict:
     """COCO box (and mask) AP on the primary rank every ``--eval-interval`` epochs and at the end; NaN otherwise."""
     from .evaluate import evaluate
-    with_masks = args.model == 'maskrcnn'
-    evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
+    with_masks = config.detector.model == 'maskrcnn'
+    evaluated = (epoch + 1) % config.run.eval_interval == 0 or epoch + 1 == config.schedule.epochs
     eval_metrics = {k: float('nan') for k in _eval_keys(with_masks)}
     if run.ranks.is_primary and evaluated:
         t1 = time.time()
@@ -491,26 +505,26 @@ def _evaluate(args, run: DetectionRun, epoch: int) -> Dict:
     return eval_metrics
 
 
-def _train_epoch(args, epoch: int, run: DetectionRun, out_dir: Optional[str]) -> Dict:
+def _train_epoch(config: DetectionConfig, epoch: int, run: DetectionRun, out_dir: Optional[str]) -> Dict:
     """One epoch; returns the epoch's mean losses (``loss``, ``loss_base``, torchvision's terms,
     ``loss_consistency`` = rho x consistency, ``consistency`` = the unweighted term measured with either loss)."""
     run.loader.batch_sampler.set_epoch(epoch)
     run.train_ds.set_epoch(epoch)
-    torch.manual_seed(args.seed + 100_003 * (epoch + 1) + run.ranks.rank)  # RPN/RoI sampling: --resume replays it
+    torch.manual_seed(config.seed + 100_003 * (epoch + 1) + run.ranks.rank)  # RPN/RoI sampling: --resume replays it
     run.net.train()
-    hold_frozen_norms(run.net.model, args.freeze)
+    hold_frozen_norms(run.net.model, config.detector.freeze)
     n_it = len(run.loader)
     keys, sums = None, None
-    lr = lr_at(args, epoch, 0, n_it)
+    lr = lr_at(config.schedule, epoch, 0, n_it)
     t0 = time.time()
     for it, batch in enumerate(run.loader):
-        lr = lr_at(args, epoch, it, n_it)
-        vals = _train_step(args, run, batch, lr, epoch, it, out_dir)
+        lr = lr_at(config.schedule, epoch, it, n_it)
+        vals = _train_step(config, run, batch, lr, epoch, it, out_dir)
         if keys is None:
             keys = list(vals)
             sums = torch.zeros(len(keys), dtype=torch.float64, device=vals['loss'].device)
         sums += torch.stack([vals[k].detach().to(torch.float64) for k in keys])  # summed on the device
-        if run.ranks.is_primary and ((it + 1) % args.log_interval == 0 or it + 1 == n_it):
+        if run.ranks.is_primary and ((it + 1) % config.run.log_interval == 0 or it + 1 == n_it):
             _log_step(epoch, it, n_it, vals, float(sums[0]) / (it + 1), lr, time.time() - t0)
     if sums is None:  # the sampler guarantees at least one batch; kept for a clear message
         raise UserError(f'epoch {epoch} had no training batch; lower -b/--batch-size or add data.')
@@ -521,7 +535,8 @@ def _train_epoch(args, epoch: int, run: DetectionRun, out_dir: Optional[str]) ->
     return out
 
 
-def _train_step(args, run: DetectionRun, batch, lr: float, epoch: int, it: int, out_dir: Optional[str]) -> Dict:
+def _train_step(config: DetectionConfig, run: DetectionRun, batch, lr: float, epoch: int, it: int,
+                out_dir: Optional[str]) -> Dict:
     """One optimizer step at ``lr``; a non-finite loss stops the run before the step (one sync per step). Returns the
     step's loss, its parts and the unweighted consistency, as device tensors."""
     images, targets, rparams = batch
@@ -536,11 +551,13 @@ def _train_step(args, run: DetectionRun, batch, lr: float, epoch: int, it: int, 
         raise _diverged(f'the loss is {float(loss.detach())} ({parts}) at step {it}', epoch, out_dir)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if args.clip_grad:
-        torch.nn.utils.clip_grad_norm_(run.params, args.clip_grad)
+    clip = config.schedule.clip_grad
+    if clip:
+        torch.nn.utils.clip_grad_norm_(run.params, clip)
     run.optimizer.step()
-    p = run.net.last_parts_tensors
-    cons = (p['cls'] + args.lt_box_weight * p['box'] + args.lt_mask_weight * p['mask']) if p else loss.new_zeros(())
+    p, weights = run.net.last_parts_tensors, config.loss
+    cons = (p['cls'] + weights.lt_box_weight * p['box'] + weights.lt_mask_weight * p['mask']) if p \
+        else loss.new_zeros(())
     return {'loss': loss, 'loss_base': loss - losses['loss_consistency'], **losses, 'consistency': cons}
 
 
