@@ -469,7 +469,7 @@ def test_resort_rows_group_nearest_detections(tiny_rcnn):
     dets[3] = dets[3][:1]  # image 1, replica 1 lost instance 1
     dets[2] = torch.cat([dets[2], torch.tensor([[0., 50., 10., 60.]])])  # a stray detection
     targets[2]['instance_ids'] = torch.tensor([0, PASTED_ID])
-    c = net._rows(dets, None, None, sizes, sizes, params, targets)
+    c = net.matched_rows(dets, None, None, sizes, sizes, params, targets)
     # rows: image 0 both instances in both replicas; image 1 instance 0 in both replicas
     assert c['rep'].tolist() == [0, 0, 1, 1, 2, 3] and c['label'].tolist() == [1] * 6
     assert c['gid'].tolist() == [0, 1, 0, 1, 4, 4]
@@ -480,7 +480,7 @@ def test_resort_rows_group_nearest_detections(tiny_rcnn):
     want = torch.stack([(src[0] + src[2]) / 2, (src[1] + src[3]) / 2]) / 64
     assert torch.allclose(c['target'][:4], want.repeat(2, 1))
     far = [d + 30 for d in dets]
-    assert net._rows(far, None, None, sizes, sizes, params, targets) is None
+    assert net.matched_rows(far, None, None, sizes, sizes, params, targets) is None
 
 
 def test_area_greedy_pairs_replicas_by_area_not_layout(tiny_rcnn):
@@ -493,13 +493,13 @@ def test_area_greedy_pairs_replicas_by_area_not_layout(tiny_rcnn):
     dets = [box, box + 1, box * 0.5, box + 2]  # replica 2: a quarter of the area
     scores = [torch.tensor([0.9]), torch.tensor([0.8]), torch.tensor([0.7]), torch.tensor([0.6])]
     labels = [torch.tensor([1])] * 4
-    c = net._rows(dets, scores, labels, [size] * 4, [size] * 4, params, None)
+    c = net.matched_rows(dets, scores, labels, [size] * 4, [size] * 4, params, None)
     assert c['rep'].tolist() == [0, 1, 3] and len(set(c['gid'].tolist())) == 1  # replica 3 of image 1 joins
     params[1] = ReplicaParams(size, size, pasted=((11., 11., 31., 41.),))
-    c = net._rows(dets, scores, labels, [size] * 4, [size] * 4, params, None)
+    c = net.matched_rows(dets, scores, labels, [size] * 4, [size] * 4, params, None)
     assert c['rep'].tolist() == [0, 3]
     gt_mode = InstanceLossTransform(tiny_rcnn, 2, match='predicted')
-    c = gt_mode._rows(dets, scores, labels, [size] * 4, [size] * 4, [ReplicaParams(size, size)] * 4, None)
+    c = gt_mode.matched_rows(dets, scores, labels, [size] * 4, [size] * 4, [ReplicaParams(size, size)] * 4, None)
     assert c['rep'].tolist() == [0, 1]  # the layout: replicas 0, 1 are image 0; 2, 3 image 1 (areas differ)
 
 

@@ -83,7 +83,7 @@ torchvision sees them) and replicas that lost every instance give a zero term an
 the term is only measured (no gradient).
 """
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -95,8 +95,8 @@ from ..loss import grouped_kl, log_distribution
 from .align import cluster_mean_boxes, greedy_match_rows, replica_area_pairs, resort_rows
 from .transforms import ReplicaParams, identity_params
 
-__all__ = ['InstanceLossTransform', 'sanitize_targets', 'is_retinanet', 'rcnn_detections', 'retinanet_detections',
-           'source_boxes', 'canvas_cut', 'clip_to_input', 'replica_geometry', 'pasted_overlap', 'MATCH_MODES']
+__all__ = ['InstanceLossTransform', 'GTRows', 'sanitize_targets', 'is_retinanet', 'rcnn_detections',
+           'retinanet_detections', 'source_boxes', 'canvas_cut', 'clip_to_input', 'replica_geometry', 'pasted_overlap', 'MATCH_MODES']
 
 MATCH_MODES = ('gt', 'predicted', 'resort', 'area-greedy')
 
@@ -127,6 +127,21 @@ def sanitize_targets(targets: List[Dict[str, torch.Tensor]], min_size: float = 1
 def _first_member(member: torch.Tensor) -> torch.Tensor:
     """``(n, n)`` bool membership -> for each row, the index of the first column that is True (0 if none)."""
     return member.to(torch.uint8).argmax(dim=1)
+
+
+class GTRows(NamedTuple):
+    """The annotated instances of a batch as rows, for the ``gt``-mode term (:meth:`InstanceLossTransform.gt_rows`):
+    each row's replica (``rep``), whether the class term keeps it (``keep``) and whether it is fully visible
+    (``full``), ``same``: ``(n, n)`` same (source image, instance), the boxes per replica and concatenated, the
+    labels, and ``arange(n)``; all on the device."""
+    rep: torch.Tensor
+    keep: torch.Tensor
+    full: torch.Tensor
+    same: torch.Tensor
+    boxes: List[torch.Tensor]
+    all_boxes: torch.Tensor
+    labels: torch.Tensor
+    arange: torch.Tensor
 
 
 def is_retinanet(model: nn.Module) -> bool:
@@ -390,72 +405,98 @@ class InstanceLossTransform(nn.Module):
         of row keys on the device (each group is named by its first row; rows left out of a term form groups of
         their own and get weight 0), the RoI heads run once on every GT box, and the replica geometry is one small
         table copied to the device once. No Python loop over rows or instances and no host synchronisation.
+        Steps: :meth:`gt_rows`, the class term (:meth:`_gt_class_term`), the fully visible groups
+        (:meth:`_gt_full_groups`), the box and mask terms (:meth:`_gt_box_term`, :meth:`_gt_mask_term`).
         """
         heads = self.model.roi_heads
-        b = len(targets)
         first = next(iter(features.values()))
-        device = first.device
         zero = sum(f.sum() for f in features.values()) * 0.0  # keeps the graph connected, exactly 0
+        self._reset_parts(first)
+        rows = self.gt_rows(targets, first.device)
+        if rows is None:
+            return zero
+        class_logits, box_regression = heads.box_predictor(
+            heads.box_head(heads.box_roi_pool(features, rows.boxes, image_sizes)))
+        total, multi = self._gt_class_term(class_logits, rows)
+        fsel, fgid, n_full = self._gt_full_groups(rows, multi)
+        geo = replica_geometry(image_sizes, original_sizes, replica_params, first.device)[rows.rep]
+        if self.box_weight > 0:
+            box_term = self._gt_box_term(box_regression, rows, geo, fsel, fgid, n_full)
+            total = total + self.box_weight * box_term
+            self.last_parts_tensors['box'] = box_term.detach()
+        if self.mask_weight > 0 and getattr(heads, 'mask_roi_pool', None) is not None:
+            mask_term = self._gt_mask_term(features, image_sizes, rows, geo, fsel, fgid, n_full)
+            total = total + self.mask_weight * mask_term
+            self.last_parts_tensors['mask'] = mask_term.detach()
+        return total + zero
+
+    def gt_rows(self, targets: List[Dict[str, torch.Tensor]], device: torch.device) -> Optional[GTRows]:
+        """The batch's annotated instances as rows (:class:`GTRows`), or None when the batch has none. A row is in
+        the class term when it is visible enough (``min_visible``) and not pasted (copy-paste's negative ids); rows
+        of the same (source image, instance) are one group."""
         counts = [int(t['boxes'].shape[0]) for t in targets]
         n = sum(counts)
-        self._reset_parts(first)
         if n == 0:
-            return zero
-        rep = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(counts, device=device),
+            return None
+        rep = torch.repeat_interleave(torch.arange(len(targets), device=device), torch.tensor(counts, device=device),
                                       output_size=n)  # replica of each row
         ids = torch.cat([t['instance_ids'].to(device).long().reshape(-1) if 'instance_ids' in t
                          else torch.arange(c, device=device) for t, c in zip(targets, counts)])
         vis = torch.cat([t['visible'].to(device).reshape(-1) if 'visible' in t
                          else torch.ones(c, device=device) for t, c in zip(targets, counts)])
-        keep = (vis >= self.min_visible) & (ids >= 0)  # negative ids: objects copy-paste added
-        full = vis.float() >= 1.0 - 1e-6
-        key = replica_groups(b, self.num_repeats, device=device)[rep] * (1 << 20) + ids
-        same = key.view(-1, 1) == key.view(1, -1)
-        arange = torch.arange(n, device=device)
+        key = replica_groups(len(targets), self.num_repeats, device=device)[rep] * (1 << 20) + ids
+        boxes = [t['boxes'].float() for t in targets]
+        return GTRows(rep=rep, keep=(vis >= self.min_visible) & (ids >= 0), full=vis.float() >= 1.0 - 1e-6,
+                      same=key.view(-1, 1) == key.view(1, -1), boxes=boxes, all_boxes=torch.cat(boxes),
+                      labels=torch.cat([t['labels'] for t in targets]).to(device).long(),
+                      arange=torch.arange(n, device=device))
 
-        # class term: rows visible enough, in groups of >= 2 of them
-        member = same & keep.view(1, -1) & keep.view(-1, 1)
+    def _gt_class_term(self, class_logits: torch.Tensor, rows: GTRows) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The class term: ``mean KL(pbar || p_row)`` of the box classifier's softmax over the class-term rows in
+        groups of >= 2 of them (records ``cls`` and ``groups``); returns it and those rows (``multi``)."""
+        keep, arange = rows.keep, rows.arange
+        member = rows.same & keep.view(1, -1) & keep.view(-1, 1)
         multi = keep & (member.sum(dim=1) >= 2)
         gid = torch.where(keep, _first_member(member), arange)
-        boxes = [t['boxes'].float() for t in targets]
-        all_boxes = torch.cat(boxes)
-        labels = torch.cat([t['labels'] for t in targets]).to(device).long()
-        x = heads.box_head(heads.box_roi_pool(features, boxes, image_sizes))
-        class_logits, box_regression = heads.box_predictor(x)
-        kl = grouped_kl(log_distribution(class_logits, 'softmax'), gid, self.detach_consensus, num_groups=n)
-        n_multi = multi.sum()
-        cls_term = torch.where(multi, kl, kl.new_zeros(())).sum() / n_multi.clamp_min(1)
-        total = cls_term
-        parts = self.last_parts_tensors
-        parts.update(cls=cls_term.detach(), groups=(multi & (gid == arange)).sum())
+        kl = grouped_kl(log_distribution(class_logits, 'softmax'), gid, self.detach_consensus,
+                        num_groups=arange.shape[0])
+        cls_term = torch.where(multi, kl, kl.new_zeros(())).sum() / multi.sum().clamp_min(1)
+        self.last_parts_tensors.update(cls=cls_term.detach(), groups=(multi & (gid == arange)).sum())
+        return cls_term, multi
 
-        # box and mask terms: fully visible rows of those groups, in groups that still hold >= 2 of them
-        fm = multi & full
-        fmember = same & fm.view(1, -1) & fm.view(-1, 1)
-        fcount = fmember.sum(dim=1)
-        fsel = fm & (fcount >= 2)
-        fgid = torch.where(fsel, _first_member(fmember), arange)
-        n_full = fsel.sum().clamp_min(1)
-        geo = replica_geometry(image_sizes, original_sizes, replica_params, device)[rep]
-        if self.box_weight > 0:
-            pred = heads.box_coder.decode(box_regression, [all_boxes]).reshape(n, -1, 4)[arange, labels].float()
-            bx = source_boxes(pred, geo)
-            src = torch.where(fsel.view(-1, 1), bx / geo[:, 12:16], bx.new_zeros(()))  # normalised source frame
-            mean = src.new_zeros((n, 4)).index_add(0, fgid, src) / torch.bincount(
-                fgid, minlength=n).to(src.dtype).clamp_min(1).view(-1, 1)
-            if self.detach_consensus:
-                mean = mean.detach()
-            box_term = self._box_term(src, mean[fgid], fsel, n_full)
-            total = total + self.box_weight * box_term
-            parts['box'] = box_term.detach()
-        if self.mask_weight > 0 and getattr(heads, 'mask_roi_pool', None) is not None:
-            mx = heads.mask_head(heads.mask_roi_pool(features, boxes, image_sizes))
-            mlogits = heads.mask_predictor(mx)[arange, labels]  # (n, S, S)
-            mlogits = torch.where(geo[:, 16].view(-1, 1, 1) > 0, mlogits.flip(-1), mlogits)
-            mask_term = self._mask_term(mlogits, fgid, fsel, n_full, num_groups=n)
-            total = total + self.mask_weight * mask_term
-            parts['mask'] = mask_term.detach()
-        return total + zero
+    @staticmethod
+    def _gt_full_groups(rows: GTRows, multi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The box and mask terms' rows: fully visible rows of the class term's groups, in groups that still hold
+        >= 2 of them. Returns (those rows ``fsel``, their group ids ``fgid``, their count, at least 1)."""
+        fm = multi & rows.full
+        fmember = rows.same & fm.view(1, -1) & fm.view(-1, 1)
+        fsel = fm & (fmember.sum(dim=1) >= 2)
+        fgid = torch.where(fsel, _first_member(fmember), rows.arange)
+        return fsel, fgid, fsel.sum().clamp_min(1)
+
+    def _gt_box_term(self, box_regression: torch.Tensor, rows: GTRows, geo: torch.Tensor, fsel: torch.Tensor,
+                     fgid: torch.Tensor, n_full: torch.Tensor) -> torch.Tensor:
+        """The box term: each row's regressed box (of its label) in the normalised source frame, against its
+        group's mean box."""
+        n, arange = rows.arange.shape[0], rows.arange
+        pred = self.model.roi_heads.box_coder.decode(box_regression, [rows.all_boxes]).reshape(n, -1, 4)
+        bx = source_boxes(pred[arange, rows.labels].float(), geo)
+        src = torch.where(fsel.view(-1, 1), bx / geo[:, 12:16], bx.new_zeros(()))  # normalised source frame
+        mean = src.new_zeros((n, 4)).index_add(0, fgid, src) / torch.bincount(
+            fgid, minlength=n).to(src.dtype).clamp_min(1).view(-1, 1)
+        if self.detach_consensus:
+            mean = mean.detach()
+        return self._box_term(src, mean[fgid], fsel, n_full)
+
+    def _gt_mask_term(self, features, image_sizes, rows: GTRows, geo: torch.Tensor, fsel: torch.Tensor,
+                      fgid: torch.Tensor, n_full: torch.Tensor) -> torch.Tensor:
+        """The mask term: the mask head on every GT box, each row's logits of its label (a flipped replica's
+        un-flipped), per-pixel KL to the group's consensus."""
+        heads = self.model.roi_heads
+        mx = heads.mask_head(heads.mask_roi_pool(features, rows.boxes, image_sizes))
+        mlogits = heads.mask_predictor(mx)[rows.arange, rows.labels]  # (n, S, S)
+        mlogits = torch.where(geo[:, 16].view(-1, 1, 1) > 0, mlogits.flip(-1), mlogits)
+        return self._mask_term(mlogits, fgid, fsel, n_full, num_groups=rows.arange.shape[0])
 
     # -------------------------------------------------------------------------- predicted (matched) mode
     def predicted_consistency(self, features, proposals, image_sizes, original_sizes, replica_params,
@@ -468,7 +509,7 @@ class InstanceLossTransform(nn.Module):
         zero = sum(f.sum() for f in features.values()) * 0.0  # keeps the graph connected, exactly 0
         self._reset_parts(first)
         boxes, scores, labels = rcnn_detections(heads, features, proposals, image_sizes)
-        c = self._rows(boxes, scores, labels, image_sizes, original_sizes, replica_params, targets)
+        c = self.matched_rows(boxes, scores, labels, image_sizes, original_sizes, replica_params, targets)
         if c is None:
             return zero
         k = c['det'].shape[0]
@@ -497,7 +538,7 @@ class InstanceLossTransform(nn.Module):
         self._reset_parts(cls_logits)
         boxes, scores, labels, anchor_idx = retinanet_detections(self.model, head_outputs, anchors, level_sizes,
                                                                  image_sizes)
-        c = self._rows(boxes, scores, labels, image_sizes, original_sizes, replica_params, targets)
+        c = self.matched_rows(boxes, scores, labels, image_sizes, original_sizes, replica_params, targets)
         if c is None:
             return zero
         r, a = c['rep'], torch.cat(anchor_idx)[c['index']]
@@ -507,8 +548,13 @@ class InstanceLossTransform(nn.Module):
             src = source_boxes(clip_to_input(pred, c['geo']), c['geo']) / c['geo'][:, 12:16]
         return self._matched_terms(log_distribution(cls_logits[r, a], 'bernoulli'), src, None, c) + zero
 
-    def _rows(self, boxes, scores, labels, image_sizes, original_sizes, replica_params, targets) -> Optional[Dict]:
-        """The rows of the detection-based modes: :meth:`_resort` (``resort``) or :meth:`_clusters`."""
+    def matched_rows(self, boxes, scores, labels, image_sizes, original_sizes, replica_params,
+                     targets) -> Optional[Dict]:
+        """The rows of the detection-based modes: the detections (per replica, model-input frame) grouped across
+        replicas by :meth:`_resort` (``resort``: through the annotations ``targets``) or :meth:`_clusters`
+        (``predicted``, ``area-greedy``); None when no group holds two rows. A dict of the rows' detection box
+        (``det``), replica (``rep``), label, group id (``gid``), box/mask rows (``fsel``), target box, geometry,
+        index among the detections, the number of group ids ``n`` and the rows per replica."""
         if self.match == 'resort':
             if targets is None:
                 raise ValueError("match='resort' pairs detections through the annotations: pass the targets.")
