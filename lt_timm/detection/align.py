@@ -102,16 +102,9 @@ def greedy_match_rows(
     within each source image (``image``), boxes are visited in decreasing ``scores`` (ties: row order); a box joins
     the existing cluster whose *anchor* (the cluster's first, highest-scoring box) it overlaps most, provided the
     IoU is ``>= iou_threshold`` and the cluster holds no box of the same ``replica`` yet (ties: the earliest
-    cluster); otherwise it starts a cluster of its own.
-
-    Exact vectorised formulation: with the rows in visiting order, the decision of row ``k`` is a function ``F_k``
-    of the decisions of rows ``< k`` only. The state (each row's anchor) starts as "every row is an anchor" and one
-    *sweep* applies every ``F_k`` at once on the device: ``(n, n)`` masks of allowed (anchor, row) pairs (same image,
-    earlier, IoU >= threshold), of current anchors and of clusters already holding a row of the row's replica
-    before it (a ``scatter_reduce`` of first positions per (replica, cluster)), then a max-IoU pick. After sweep
-    ``s`` the first ``s`` rows are final (induction), and a state that a sweep leaves unchanged is the sequential
-    result (its rows satisfy ``x_k = F_k(x_<k)`` in order); so the loop stops at the first unchanged sweep, after
-    at most ``n + 1`` sweeps.
+    cluster); otherwise it starts a cluster of its own. Steps: the visiting order, the pairs a row may join
+    (:func:`_join_allowed`), the greedy decisions as a fixed point of parallel sweeps (:func:`_greedy_fixed_point`,
+    where the exact vectorised formulation is given).
 
     Cost: one ``(n, n)`` IoU matrix (``n`` = boxes of the batch), ``O(n^2)`` work and one host synchronisation per
     sweep; the number of sweeps is the longest chain of dependent decisions + 1: 1-7 on random scenes with
@@ -129,32 +122,54 @@ def greedy_match_rows(
     Returns:
         ``(n,)`` long: the row index of each box's cluster anchor (an anchor points to itself).
     """
-    n = boxes.shape[0]
-    device = boxes.device
-    if n == 0:
-        return torch.zeros((0,), dtype=torch.long, device=device)
+    if boxes.shape[0] == 0:
+        return torch.zeros((0,), dtype=torch.long, device=boxes.device)
     order = torch.sort(scores.detach().reshape(-1).float(), descending=True, stable=True).indices
     b = boxes.detach().reshape(-1, 4).float()[order]
     raw_rep = replica.reshape(-1)[order]
-    _, rep = torch.unique(raw_rep, return_inverse=True)
-    num_rep = int(rep.max()) + 1
-    pos = torch.arange(n, device=device)
     iou = box_iou(b, b)
-    allowed = (iou >= iou_threshold) & (pos.view(1, -1) < pos.view(-1, 1))  # [k, a]: k may join a cluster of a
+    allowed = _join_allowed(iou, iou_threshold, raw_rep, None if image is None else image.reshape(-1)[order],
+                            replica_pairs)
+    anchor = _greedy_fixed_point(iou, allowed, torch.unique(raw_rep, return_inverse=True)[1])
+    out = torch.empty_like(anchor)
+    out[order] = order[anchor]
+    return out
+
+
+def _join_allowed(iou: torch.Tensor, iou_threshold: float, replica: torch.Tensor, image: Optional[torch.Tensor],
+                  replica_pairs: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[k, a]`` (rows in visiting order): row ``k`` may join a cluster anchored at row ``a``: ``a`` comes first,
+    their IoU is ``>= iou_threshold``, they are of one source image and (``replica_pairs``) a pair of replicas."""
+    pos = torch.arange(iou.shape[0], device=iou.device)
+    allowed = (iou >= iou_threshold) & (pos.view(1, -1) < pos.view(-1, 1))
     if image is not None:
-        im = image.reshape(-1)[order]
-        allowed &= im.view(-1, 1) == im.view(1, -1)
+        allowed &= image.view(-1, 1) == image.view(1, -1)
     if replica_pairs is not None:
-        allowed &= replica_pairs.to(device)[raw_rep.view(-1, 1), raw_rep.view(1, -1)]
+        allowed &= replica_pairs.to(iou.device)[replica.view(-1, 1), replica.view(1, -1)]
+    return allowed
+
+
+def _greedy_fixed_point(iou: torch.Tensor, allowed: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
+    """Each row's anchor position (rows in visiting order; ``rep``: replica ids ``0..R-1``), by parallel sweeps.
+
+    Exact vectorised formulation: with the rows in visiting order, the decision of row ``k`` is a function ``F_k``
+    of the decisions of rows ``< k`` only. The state (each row's anchor) starts as "every row is an anchor" and one
+    *sweep* applies every ``F_k`` at once on the device: ``(n, n)`` masks of allowed (anchor, row) pairs (same image,
+    earlier, IoU >= threshold), of current anchors and of clusters already holding a row of the row's replica
+    before it (a ``scatter_reduce`` of first positions per (replica, cluster)), then a max-IoU pick. After sweep
+    ``s`` the first ``s`` rows are final (induction), and a state that a sweep leaves unchanged is the sequential
+    result (its rows satisfy ``x_k = F_k(x_<k)`` in order); so the loop stops at the first unchanged sweep, after
+    at most ``n + 1`` sweeps."""
+    n = iou.shape[0]
+    num_rep = int(rep.max()) + 1
+    pos = torch.arange(n, device=iou.device)
     anchor = pos.clone()  # position (in visiting order) of each row's cluster anchor
     for _ in range(n + 1):
         new = _greedy_sweep(anchor, rep, pos, iou, allowed, num_rep)
         if torch.equal(new, anchor):
             break
         anchor = new
-    out = torch.empty_like(anchor)
-    out[order] = order[anchor]
-    return out
+    return anchor
 
 
 def _greedy_sweep(anchor: torch.Tensor, rep: torch.Tensor, pos: torch.Tensor, iou: torch.Tensor,
