@@ -33,7 +33,7 @@ from .parity import COMPUTED_KEYS, add_refused_options, check_refused
 from .recipe import add_config_option, parse_with_recipe
 
 __all__ = ['build_parser', 'parse_args', 'resolve', 'parse_config', 'resolve_dist_bn', 'option_flags',
-           'DATA_CONFIG_KEYS']
+           'DATA_CONFIG_KEYS', 'image_settings']
 
 _logger = logging.getLogger('train')
 
@@ -295,8 +295,17 @@ def _resolve_lr(args: argparse.Namespace) -> None:
                      f'and effective global batch size ({global_batch_size}) with {scale} scaling.')
 
 
-def _in_chans(args: argparse.Namespace) -> int:
-    return args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
+def image_settings(args: argparse.Namespace, dataset_options) -> dict:
+    """The settings train.py and validate.py read the same way: ``data`` (DataOptions, with the image mode of
+    ``--in-chans`` and timm's dataset options of ``dataset_options``), ``model`` (ModelOptions) and
+    ``data_config_args`` (what timm's ``resolve_data_config`` reads)."""
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
+    return dict(
+        data=settings_from(DataOptions, args, root=args.data_dir or args.data,
+                           input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'),
+                           extras={row[1]: getattr(args, row[1]) for row in dataset_options}),
+        model=settings_from(ModelOptions, args, in_chans=in_chans, model_kwargs=dict(args.model_kwargs or {})),
+        data_config_args={k: getattr(args, k, None) for k in DATA_CONFIG_KEYS})
 
 
 def _loss_options(args: argparse.Namespace, mixup_active: bool) -> LossOptions:
@@ -312,16 +321,11 @@ def _train_config(args: argparse.Namespace, args_text: str, model_dtype: Optiona
                   resumed: Optional[ResumePoint] = None) -> TrainConfig:
     """The resolved flags as typed settings."""
     ranks = settings_from(Ranks, args)
-    in_chans = _in_chans(args)
     mixup = settings_from(MixupOptions, args)
     return TrainConfig(
         ranks=ranks,
         precision=settings_from(Precision, args, model_dtype=model_dtype),
-        data=settings_from(DataOptions, args, root=args.data_dir or args.data,
-                           input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'),
-                           extras={row[1]: getattr(args, row[1]) for row in TRAIN_DATASET_OPTIONS}),
-        model=settings_from(ModelOptions, args, in_chans=in_chans, model_kwargs=dict(args.model_kwargs or {})),
-        data_config_args={k: getattr(args, k, None) for k in DATA_CONFIG_KEYS},
+        **image_settings(args, TRAIN_DATASET_OPTIONS),
         loader=settings_from(LoaderOptions, args),
         mixup=mixup,
         loss=args.loss,

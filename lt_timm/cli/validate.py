@@ -4,11 +4,11 @@ import argparse
 from typing import List, Optional
 
 from ..builders import VALIDATE_DATASET_OPTIONS, available_device
-from ..config import DataOptions, ModelOptions, Precision, ValidateConfig, ViewOptions, settings_from
+from ..config import Precision, ValidateConfig, ViewOptions, settings_from
 from .checks import resolve_model_dtype
 from .flags import add_shared_options
 from .parity import add_refused_options, check_refused
-from .train import DATA_CONFIG_KEYS
+from .train import image_settings
 
 __all__ = ['build_validate_parser', 'parse_args', 'resolve']
 
@@ -71,13 +71,8 @@ def resolve(args: argparse.Namespace) -> ValidateConfig:
     model_dtype = resolve_model_dtype(args.model_dtype, args.amp)
     args.device = available_device(args.device, 'validating')
     args.prefetcher = not args.no_prefetcher
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size is not None else 3)
     return settings_from(
         ValidateConfig, args,
         precision=settings_from(Precision, args, model_dtype=model_dtype),
-        data=settings_from(DataOptions, args, root=args.data_dir or args.data,
-                           input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'),
-                           extras={row[1]: getattr(args, row[1]) for row in VALIDATE_DATASET_OPTIONS}),
-        model=settings_from(ModelOptions, args, in_chans=in_chans, model_kwargs=dict(args.model_kwargs or {})),
-        data_config_args={k: getattr(args, k, None) for k in DATA_CONFIG_KEYS},
+        **image_settings(args, VALIDATE_DATASET_OPTIONS),
         views=settings_from(ViewOptions, args))
