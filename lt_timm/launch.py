@@ -39,6 +39,10 @@ guard's checks: :class:`lt_timm.launch_state.LaunchState`):
 
 Every patch is undone when the run ends (:meth:`LaunchState.close`).
 
+An evaluation script (timm's ``validate.py``: no ``--aug-repeats``, no function taking an ``optimizer``) runs as it
+is, with lt_timm's models and checkpoint loaders registered, so ``python -m lt_timm.launch validate.py --checkpoint
+FILE`` reads the files lt_timm reads (e.g. EfficientNet-PyTorch's layout).
+
 The launcher's own errors are one line (``lt_timm.launch: error: ...``) and exit 2: a hook it cannot install, a
 refused step, the flags it checks, lt-timm's sampler and loader, a ``-c`` YAML the script cannot read, a DDP process
 that stops; Ctrl-C exits 130 and SIGTERM 143, with the command that resumes the run when it saved a checkpoint.
@@ -48,20 +52,21 @@ import glob
 import importlib.util
 import inspect
 import os
-import shlex
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import yaml
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .cli.flags import LT_ARG_DEFAULTS, LT_OPTIONS
 from .errors import STOP_EXIT_CODES, Terminated, UserError, sigterm_raises
 from .launch_hooks import HOOKS
 from .launch_state import LaunchError, LaunchState, TrainingTask, script_name, timm_version
-from .run_dir import lost_a_process
+from .run_dir import lost_a_process, lost_process_reason, resume_command
 
-__all__ = ['patch_timm_train', 'install_hooks', 'load_script', 'run_script', 'LaunchError', 'LaunchState', 'main']
+__all__ = ['patch_timm_train', 'install_hooks', 'load_script', 'run_script', 'is_evaluation_script', 'LaunchError',
+           'LaunchState', 'main']
 
 _SCRIPT_MODULE_NAME = '_lt_timm_launched_script'
 
@@ -161,13 +166,46 @@ def load_script(path: str, argv: Optional[List[str]] = None):
     return module
 
 
+def is_evaluation_script(module) -> bool:
+    """timm's ``validate.py`` and scripts like it: a ``main()``, no ``--aug-repeats`` on a module-level parser and no
+    function that takes an ``optimizer``. Nothing of it trains, so nothing is patched (:func:`run_evaluation_script`
+    refuses an optimizer step)."""
+    parser = getattr(module, 'parser', None)
+    repeats = isinstance(parser, argparse.ArgumentParser) and '--aug-repeats' in parser._option_string_actions
+    return callable(getattr(module, 'main', None)) and not repeats and not _train_functions(module)
+
+
+def run_evaluation_script(module, argv: List[str]):
+    """Run an evaluation script as it is. lt_timm's models and checkpoint loaders are registered with timm
+    (importing this module imports ``lt_timm``): e.g. timm's ``validate.py --checkpoint FILE`` reads a file in
+    EfficientNet-PyTorch's layout."""
+    given = [o for o in LT_OPTIONS if any(a == o or a.startswith(o + '=') for a in argv)]
+    if given:
+        raise LaunchError(f'{script_name(module)} evaluates and trains nothing; LossTransform\'s flags '
+                          f'({", ".join(given)}) only apply to a training script: drop them.')
+
+    def refuse_training(*_):
+        raise LaunchError(f'{script_name(module)} steps an optimizer, but has no `--aug-repeats` option and no '
+                          f'function taking an `optimizer`, so lt_timm.launch cannot hook its training; nothing was '
+                          f'trained. '
+                          f'Use a timm train.py matching the installed timm {timm_version()}, or lt_timm\'s train.py.')
+    guard = register_optimizer_step_pre_hook(refuse_training)
+    try:
+        return module.main()
+    finally:
+        guard.remove()
+
+
 def run_script(path: str, argv: List[str]):
     """Load, patch and run ``path`` with command-line flags ``argv``; returns whatever its ``main()`` returns.
+    An evaluation script (:func:`is_evaluation_script`) runs unpatched, with lt_timm's models registered.
 
     Raises :class:`LaunchError` if a hook is missing, a training step is refused, or the run ends without a verified
     step under ``--loss losstransform``. The patches are undone before returning.
     """
     module = load_script(path, argv)
+    if is_evaluation_script(module):
+        return run_evaluation_script(module, argv)
     state = patch_timm_train(module)
     try:
         result = module.main()
@@ -207,14 +245,14 @@ def _stopped(e: BaseException, argv: List[str], started: float) -> Tuple[str, in
         what = 'stopped by Ctrl-C (SIGINT)' if isinstance(e, KeyboardInterrupt) else 'stopped by SIGTERM'
         code = STOP_EXIT_CODES[type(e).__name__]
     else:
-        what, code = f'a process of this DDP run was lost ({str(e).strip().splitlines()[0][:160]})', 2
+        rank = os.environ.get('RANK', '0')
+        what, code = f'process {rank} of this DDP run lost another process ({lost_process_reason(e)})', 2
     state = getattr(sys.modules.get(_SCRIPT_MODULE_NAME), '_lt_timm_state', None)
     last = _last_checkpoint(state.args, started) if state is not None and state.args is not None else None
     if last is None:
         return f'{what}; no checkpoint was saved yet: start again.', code
-    args = [a for i, a in enumerate(argv) if a != '--resume' and (i == 0 or argv[i - 1] != '--resume')]
-    command = shlex.join(['python', '-m', 'lt_timm.launch', *args, '--resume', last])
-    return f'{what}; {last} holds the last saved epoch; to continue: {command}', code
+    return f'{what}; {last} holds the last saved epoch; to continue: ' \
+           f'{resume_command(last, argv, module="lt_timm.launch")}', code
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -221,3 +221,27 @@ def test_create_model_doors_load_the_file(name, tmp_path):
     for k, v in source.state_dict().items():
         if not k.startswith('classifier.'):
             assert torch.equal(v, finetune.state_dict()[k]), k
+
+
+@needs_package
+def test_launcher_runs_a_stock_validate_script_on_the_file(wnid_folder, tmp_path):
+    """``python -m lt_timm.launch validate.py --checkpoint FILE`` (timm's validate.py shape: ``load_checkpoint``
+    into ``create_model``'s model): the EfficientNet-PyTorch file loads as it is, the labels are ImageNet's, and the
+    score is the one of the same weights loaded in this process."""
+    res = tmp_path / 'val.json'
+    r = cli('-m', 'lt_timm.launch', REPO / 'tests' / 'stock_scripts' / 'validate.py', wnid_folder / 'val',
+            '--model', 'tf_efficientnet_lite0', '--checkpoint', package_file, '--num-classes', '1000',
+            '--class-map', CLASS_MAP, '--img-size', '64', '--results-file', res)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(res.read_text())
+    assert result['labels'] == [0, 217, 482]
+    model = timm.create_model('tf_efficientnet_lite0', checkpoint_path=package_file).eval()
+    from timm.data import create_dataset, create_loader, resolve_data_config
+    cfg = resolve_data_config(dict(img_size=64), model=model)
+    loader = create_loader(create_dataset('', root=str(wnid_folder / 'val'), class_map=str(CLASS_MAP)),
+                           input_size=cfg['input_size'], batch_size=8, use_prefetcher=False,
+                           interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
+                           crop_pct=cfg['crop_pct'], num_workers=0)
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in loader)
+    assert result['top1'] == pytest.approx(100 * correct / 18)

@@ -441,3 +441,43 @@ def test_torchrun_two_process_ddp(data_root, tmp_path):
     logs = r.stdout + r.stderr
     assert 'world_size=2' in logs
     assert logs.count('first optimizer step verified: criterion LossTransform via ClassificationTask.criterion') == 1
+
+
+# ---------------------------------------------------------------- evaluation scripts (timm's validate.py shape)
+
+_EVAL_PARTS = dict(_HOOK_SCRIPT, parser="parser = argparse.ArgumentParser()\nparser.add_argument('--checkpoint')\n")
+
+
+def test_evaluation_script_runs_unpatched(tmp_path, capsys):
+    """No ``--aug-repeats``, no function taking an optimizer: the script's ``main()`` runs as it is (no hook
+    installed), with lt_timm's models registered."""
+    path, marker = _hook_script(tmp_path, drop=('train',), replace=_EVAL_PARTS)
+    create_loader = timm.data.create_loader
+    assert launch.is_evaluation_script(launch.load_script(path, []))
+    assert launch.main([path, '--checkpoint', 'x.pth']) == 0
+    assert marker.read_text() == 'done'
+    assert launch_state.active() is None and timm.data.create_loader is create_loader
+    assert timm.is_model('cifar_resnet20')  # lt_timm's registrations are there for the script
+
+
+@pytest.mark.parametrize('flags', [['--loss', 'losstransform'], ['--lt-rho=2']])
+def test_evaluation_script_refuses_losstransform_flags(flags, tmp_path, capsys):
+    path, marker = _hook_script(tmp_path, drop=('train',), replace=_EVAL_PARTS)
+    assert launch.main([path, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'evaluates and trains nothing' in err[0] and flags[0].split('=')[0] in err[0]
+    assert not marker.exists()
+
+
+def test_evaluation_script_that_steps_an_optimizer_is_refused(tmp_path, capsys):
+    """A script misread as an evaluation script cannot train unhooked: its first optimizer step stops the run."""
+    main = ('def main():\n    import torch\n    w = torch.nn.Parameter(torch.ones(2))\n'
+            '    opt = torch.optim.SGD([w], lr=0.1)\n    w.sum().backward()\n    opt.step()\n'
+            '    open(MARKER, "w").write(str(w.tolist()))\n')
+    path, marker = _hook_script(tmp_path, drop=('train',), replace=dict(_EVAL_PARTS, main=main))
+    assert launch.main([path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'steps an optimizer' in err[0] and 'nothing was trained' in err[0]
+    assert not marker.exists()
+    w = torch.nn.Parameter(torch.ones(1))
+    torch.optim.SGD([w], lr=1.0).step()  # the guard is gone after the run
