@@ -29,7 +29,7 @@ from .errors import STOP_EXIT_CODES, RunStopped, Terminated, UserError, os_error
 __all__ = ['DEFAULT_OUTPUT', 'claim_run_dir', 'RunLock', 'truncate_summary', 'update_summary', 'summary_row',
            'append_summary', 'summary_text', 'write_summary', 'read_summary_rows', 'supersede_later_epochs',
            'remove_stale_tmp',
-           'resume_hint', 'resume_command', 'lost_a_process', 'stopped_run', 'TMP_SUFFIX']
+           'resume_hint', 'resume_command', 'lost_a_process', 'lost_process_reason', 'stopped_run', 'TMP_SUFFIX']
 
 _logger = logging.getLogger(__name__)
 
@@ -342,12 +342,14 @@ def supersede_later_epochs(folder: str, epoch: int, epoch_of: Callable[[str], Op
 
 # ---------------------------------------------------------------- how to go on
 
-def resume_command(checkpoint: str, argv: Optional[Sequence[str]] = None) -> str:
+def resume_command(checkpoint: str, argv: Optional[Sequence[str]] = None, module: str = '') -> str:
     """The command that resumes this run from ``checkpoint``: this process's command line (``torchrun`` with the
-    number of processes under torchrun) with ``--resume checkpoint`` in place of any ``--resume``."""
+    number of processes under torchrun) with ``--resume checkpoint`` in place of any ``--resume``. ``module``: the
+    run was started as ``python -m module ARGV`` (``torchrun ... -m module ARGV``), ``argv`` being all of ARGV."""
     argv = list(sys.argv if argv is None else argv)
+    program = ['-m', module] if module else [os.path.relpath(argv[0]) if argv else 'train.py']
     args, skip = [], False
-    for a in argv[1:]:
+    for a in (argv if module else argv[1:]):
         if skip:
             skip = False
         elif a == '--resume':
@@ -356,7 +358,7 @@ def resume_command(checkpoint: str, argv: Optional[Sequence[str]] = None) -> str
             args.append(a)
     procs = os.environ.get('LOCAL_WORLD_SIZE') if os.environ.get('TORCHELASTIC_RUN_ID') else None
     head = ['torchrun', '--nproc_per_node', procs] if procs else ['python']
-    return shlex.join(head + [os.path.relpath(argv[0]) if argv else 'train.py'] + args + ['--resume', checkpoint])
+    return shlex.join(head + program + args + ['--resume', checkpoint])
 
 
 def resume_hint(output_dir: Optional[str], epoch: int) -> str:
@@ -379,7 +381,9 @@ def lost_a_process(e: BaseException) -> bool:
     return torch_dist or any(s in str(e) for s in _LOST + ('gloo', 'NCCL'))
 
 
-def _lost_how(e: BaseException) -> str:
+def lost_process_reason(e: BaseException) -> str:
+    """Why a collective failed (:func:`lost_a_process`), in a few words: gloo's connection error, else the first
+    line of the error."""
     text = str(e)
     known = [s for s in _LOST if s in text]
     return known[0] if known else (text.strip().splitlines() or [type(e).__name__])[0][:120]
@@ -398,7 +402,7 @@ def stopped_run(e: BaseException, epoch: Optional[int], last: str, rank: int = 0
         elif rank != 0:
             return RunStopped('', code)
     else:
-        code, what = 2, f'process {rank} of this DDP run lost another process ({_lost_how(e)})'
+        code, what = 2, f'process {rank} of this DDP run lost another process ({lost_process_reason(e)})'
     where = f' in epoch {epoch}' if epoch is not None else ''
     if rank != 0:
         how = 'to continue, pass --resume <run folder>/last.pth.tar (process 0 names the run folder in its log)'
