@@ -220,6 +220,27 @@ def test_read_only_folder_is_one_line(harness, reference, tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.parametrize('flags,needles', [
+    (['--lr', '1e39'], ['--lr 1e+39 is larger than the largest float32 number (3.403e+38)', 'pass a smaller --lr']),
+    (['--lr', '1e5', '--model-dtype', 'float16'], ['--lr 100000 is larger than the largest float16 number (6.55e+04)']),
+    (['--lr', 'nan'], ['--lr must be a finite number >= 0, got nan']),
+    (['--warmup-lr', '-1'], ['--warmup-lr must be a finite number >= 0, got -1.0']),
+])
+def test_a_learning_rate_the_optimizer_cannot_apply_is_one_line(harness, reference, tmp_path, flags, needles):
+    """torch's optimizers stop at the first step with a traceback ('value cannot be converted to type float without
+    overflow') for an lr beyond the weights' dtype: one line before any folder is made; the advice (a smaller --lr),
+    followed, trains."""
+    data = reference[0]
+    argv = [*FLAGS, '--data-dir', data, '--output', tmp_path / 'out', '--experiment', 'r']
+    reply, _, err = harness.run([*argv, *flags])
+    assert_one_line(reply, err, 2, *needles)
+    assert not (tmp_path / 'out').exists()
+    if flags[:2] == ['--lr', '1e39']:
+        reply, _, err = harness.run([*argv, '--lr', '0.1'])
+        assert reply['code'] == 0, err[-3000:]
+        assert [r['epoch'] for r in read_summary(tmp_path / 'out' / 'r' / 'summary.csv')] == ['0', '1']
+
+
 # ---------------------------------------------------------------- DDP: a process that dies
 
 def _rank_pid(parent: int, rank: int):
@@ -237,21 +258,16 @@ def _rank_pid(parent: int, rank: int):
     return None
 
 
-def test_ddp_process_killed_leaves_one_line_on_the_other_saying_how_to_resume(reference, tmp_path):
-    """torchrun, 2 gloo processes; kill -9 of rank 1 after the first checkpoint: rank 0 stops with one line (what
-    happened, the torchrun command that resumes), exit status non-zero, the run folder unlocked."""
-    data, run_dir, logs = reference[0], tmp_path / 'out' / 'ddp', tmp_path / 'logs'
-    cmd = [PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--log-dir', str(logs),
-           '--redirects', '3', str(REPO / 'train.py'), *FLAGS, '--epochs', '200', '--data-dir', str(data),
-           '--output', str(run_dir.parent), '--experiment', 'ddp']
-    proc = subprocess.Popen(cmd, cwd=REPO, env=one_thread_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def kill_rank_1_after_first_checkpoint(cmd: list, last: Path, logs: Path, cwd, env) -> str:
+    """Run ``cmd`` (torchrun with 2 processes, ``--log-dir logs --redirects 3``); once ``last`` exists, kill -9 of
+    process 1. Returns process 0's stderr, torchrun having exited non-zero."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while not (run_dir / 'last.pth.tar').exists() and proc.poll() is None and time.time() < deadline:
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         victim = _rank_pid(proc.pid, 1)
-        assert victim is not None and proc.poll() is None
+        assert victim is not None and proc.poll() is None, 'the run ended before process 1 could be killed'
         os.kill(victim, signal.SIGKILL)
         proc.wait(timeout=180)
     finally:
@@ -259,14 +275,48 @@ def test_ddp_process_killed_leaves_one_line_on_the_other_saying_how_to_resume(re
             proc.kill()
             proc.wait()
     assert proc.returncode != 0
-    err = next(logs.glob('*/attempt_0/0/stderr.log')).read_text()
-    lines = error_lines(err)
+    return next(logs.glob('*/attempt_0/0/stderr.log')).read_text()
+
+
+def printed_torchrun_command(err: str, head: list, last: Path, prefix: str = 'error: ') -> list:
+    """The resume command of process 0's one line (after ``torchrun --nproc_per_node 2``), checked to start with
+    ``head`` and to resume from ``last``."""
+    lines = [line for line in err.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
     assert 'lost another process' in lines[0] or 'stopped by SIGTERM' in lines[0], lines[0]
     command = shlex.split(lines[0].split('to continue: ', 1)[1])
-    assert command[:4] == ['torchrun', '--nproc_per_node', '2', 'train.py']
-    assert command[-2:] == ['--resume', str(run_dir / 'last.pth.tar')]
-    assert load(run_dir / 'last.pth.tar')['epoch'] >= 0 and not (run_dir / '.lock').exists()
+    assert command[:3] == ['torchrun', '--nproc_per_node', '2'] and command[3:3 + len(head)] == head, command
+    assert command[-2:] == ['--resume', str(last)]
+    return command[3:]
+
+
+def follow_torchrun(args: list, logs: Path, cwd, env) -> str:
+    """Run ``torchrun --nproc_per_node 2 ARGS`` as printed (``--standalone``: a free rendezvous port, as tests run
+    side by side); returns process 0's stderr, the run having exited 0."""
+    cmd = [PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--log-dir', str(logs),
+           '--redirects', '3', *args]
+    r = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=240)
+    err = next(logs.glob('*/attempt_0/0/stderr.log')).read_text()
+    assert r.returncode == 0, err[-3000:]
+    return err
+
+
+def test_ddp_process_killed_leaves_one_line_on_the_other_saying_how_to_resume(reference, tmp_path):
+    """torchrun, 2 gloo processes; kill -9 of process 1 after the first checkpoint: process 0 stops with one line
+    (what happened, the torchrun command that resumes), exit status non-zero, the run folder unlocked; the printed
+    command, followed, finishes the run (every epoch's row in summary.csv)."""
+    data, run_dir = reference[0], tmp_path / 'out' / 'ddp'
+    last, epochs = run_dir / 'last.pth.tar', 30  # 0.1 s an epoch: the run is still going when process 1 is killed
+    argv = [*FLAGS, '--epochs', str(epochs), '--data-dir', str(data), '--output', str(run_dir.parent),
+            '--experiment', 'ddp']
+    cmd = [PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--log-dir',
+           str(tmp_path / 'logs'), '--redirects', '3', str(REPO / 'train.py'), *argv]
+    err = kill_rank_1_after_first_checkpoint(cmd, last, tmp_path / 'logs', REPO, one_thread_env())
+    args = printed_torchrun_command(err, ['train.py'], last)
+    assert load(last)['epoch'] >= 0 and not (run_dir / '.lock').exists()
+    follow_torchrun(args, tmp_path / 'resumed', REPO, one_thread_env())
+    assert [r['epoch'] for r in read_summary(run_dir / 'summary.csv')] == [str(e) for e in range(epochs)]
+    assert load(last)['epoch'] == epochs - 1 and not (run_dir / '.lock').exists()
 
 
 # ---------------------------------------------------------------- train_detection.py: the same guarantees
@@ -404,3 +454,36 @@ def test_detection_divergence_advice_followed_resumes(detection_reference, tmp_p
     code, line = detection_main(capsys, *argv, '--lr', '1e-34', '--resume', last)  # epoch 1's lr: 0.01
     assert code == 0, line
     assert [r['epoch'] for r in read_summary(out / 'r' / 'summary.csv')] == ['0', '1']
+
+
+def test_detection_ddp_process_killed_leaves_one_line_saying_how_to_resume(tmp_path):
+    """train_detection.py under torchrun (2 gloo processes, the tiny PennFudan of tests/test_detection.py): kill -9
+    of process 1 after the first checkpoint: one line on process 0, the folder unlocked; the printed command,
+    followed, finishes the run."""
+    from test_detection import _TINY_CFG, _write_pennfudan
+    _write_pennfudan(str(tmp_path / 'PennFudanPed'), 5)
+    (tmp_path / 'cfg.yaml').write_text(_TINY_CFG + 'lt_epoch: full\n')
+    run_dir, epochs = tmp_path / 'out' / 'r', 12  # 0.3 s an epoch
+    last = run_dir / 'last.pth.tar'
+    argv = detection_argv(tmp_path, run_dir.parent, '-b', '2')  # 3 images x 2 replicas: 1 step of 2 rows a process
+    argv[argv.index('--epochs') + 1] = epochs
+    cmd = [PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--log-dir',
+           str(tmp_path / 'logs'), '--redirects', '3', str(REPO / 'train_detection.py'), *map(str, argv)]
+    err = kill_rank_1_after_first_checkpoint(cmd, last, tmp_path / 'logs', REPO, one_thread_env())
+    args = printed_torchrun_command(err, ['train_detection.py'], last)
+    assert not (run_dir / '.lock').exists()
+    follow_torchrun(args, tmp_path / 'resumed', REPO, one_thread_env())
+    assert [r['epoch'] for r in read_summary(run_dir / 'summary.csv')] == [str(e) for e in range(epochs)]
+    assert load(last)['epoch'] == epochs - 1 and not (run_dir / '.lock').exists()
+
+
+def test_detection_learning_rate_the_optimizer_cannot_apply_is_one_line(tmp_path, capsys):
+    """train_detection.py --lr 1e39 without warmup: torch's SGD stopped with an overflow traceback at the first
+    step; now one line, before any folder."""
+    from test_detection import _TINY_CFG, _write_pennfudan
+    _write_pennfudan(str(tmp_path / 'PennFudanPed'), 5)
+    (tmp_path / 'cfg.yaml').write_text(_TINY_CFG + 'lt_epoch: full\n')
+    code, line = detection_main(capsys, *detection_argv(tmp_path, tmp_path / 'out', '--warmup-iters', '0',
+                                                        '--lr-steps', '5', '--lr', '1e39'))
+    assert code == 2 and '--lr 1e+39 is larger than the largest float32 number' in line, line
+    assert 'pass a smaller --lr' in line and not (tmp_path / 'out').exists()

@@ -1,6 +1,7 @@
 """``python -m lt_timm.launch``'s own failures are one line (``lt_timm.launch: error: ...``): a ``-c`` YAML the
 script cannot read (a syntax error, a ``!!python`` tag that must not run), lt-timm's sampler refusing the data, an odd
-batch under mixup (before any folder), and a real SIGTERM (143, with the command that resumes the run, which works).
+batch under mixup (before any folder), a real SIGTERM (143, with the command that resumes the run, which works), and a
+DDP process killed under torchrun (one line on the other, with the torchrun command that resumes, which works).
 """
 import os
 import shlex
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from lt_timm import launch
-from test_launch import TASK, data_root, variant  # noqa: F401  (data_root: the module's fixture)
+from test_launch import TASK, data_root, evidence, variant  # noqa: F401  (data_root: the module's fixture)
+from test_reliability_kill import follow_torchrun, kill_rank_1_after_first_checkpoint, printed_torchrun_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ['--device', 'cpu', '--loss', 'losstransform', '--aug-repeats', '3', '-b', '6']
@@ -63,16 +65,36 @@ def test_odd_batch_with_mixup_under_the_launcher_is_refused_before_any_folder(da
     assert not (tmp_path / 'out').exists()
 
 
-def test_sigterm_under_the_launcher_says_how_to_resume_and_that_works(data_root, tmp_path, capsys):
-    """A stand-in that saves as timm's script does (tmp, then last.pth.tar); SIGTERM after its first checkpoint."""
-    script = variant(tmp_path, TASK, [(
+def test_learning_rate_beyond_float32_under_the_launcher_is_refused_before_any_folder(data_root, tmp_path, capsys):
+    """timm's script with --lr 1e39 stopped at the first optimizer step with torch's overflow traceback."""
+    with pytest.raises(SystemExit) as e:
+        launch.main([TASK, data_root, *COMMON, '--lr', '1e39', '--output', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err
+    assert '--lr 1e+39 is larger than the largest float32 number' in err and 'pass a smaller --lr' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def saving_as_timm(tmp_path) -> str:
+    """The stand-in, saving as timm's script does: tmp.pth.tar, then last.pth.tar (process 0 only)."""
+    return variant(tmp_path, TASK, [(
         "os.path.join(args.output, f'checkpoint-{epoch}.pth.tar'))",
         "os.path.join(args.output, 'tmp.pth.tar'))\n"
         "            os.replace(os.path.join(args.output, 'tmp.pth.tar'), os.path.join(args.output, 'last.pth.tar'))")])
-    out = tmp_path / 'out'
-    argv = [script, data_root, *COMMON, '--epochs', '200', '--output', str(out)]
+
+
+def launcher_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
     env.pop('LT_TIMM_DEBUG', None)
+    return env
+
+
+def test_sigterm_under_the_launcher_says_how_to_resume_and_that_works(data_root, tmp_path, capsys):
+    """A stand-in that saves as timm's script does (tmp, then last.pth.tar); SIGTERM after its first checkpoint."""
+    script = saving_as_timm(tmp_path)
+    out = tmp_path / 'out'
+    argv = [script, data_root, *COMMON, '--epochs', '200', '--output', str(out)]
+    env = launcher_env()
     proc = subprocess.Popen([sys.executable, '-m', 'lt_timm.launch', *argv], cwd=str(tmp_path), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -88,3 +110,22 @@ def test_sigterm_under_the_launcher_says_how_to_resume_and_that_works(data_root,
     resumed = command[3:]
     resumed[resumed.index('--epochs') + 1] = str(torch.load(out / 'last.pth.tar', weights_only=False)['epoch'] + 2)
     assert launch.main(resumed) == 0  # one more epoch: the printed command resumes the run
+
+
+def test_ddp_process_killed_under_the_launcher_says_how_to_resume_and_that_works(data_root, tmp_path):
+    """torchrun -m lt_timm.launch, 2 gloo processes; kill -9 of process 1 after the first checkpoint: process 0 stops
+    with one line (what happened, the torchrun command that resumes), torchrun exits non-zero; the printed command,
+    followed, resumes from the checkpoint's next epoch and trains to the last one on both processes."""
+    script, out, epochs = saving_as_timm(tmp_path), tmp_path / 'out', 60  # 0.05 s an epoch: still going at the kill
+    last = out / 'last.pth.tar'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--log-dir',
+           str(tmp_path / 'logs'), '--redirects', '3', '-m', 'lt_timm.launch', script, data_root, *COMMON,
+           '--epochs', str(epochs), '--output', str(out)]
+    err = kill_rank_1_after_first_checkpoint(cmd, last, tmp_path / 'logs', str(tmp_path), launcher_env())
+    args = printed_torchrun_command(err, ['-m', 'lt_timm.launch', script], last, prefix='lt_timm.launch: error: ')
+    saved = torch.load(last, weights_only=False)['epoch']
+    follow_torchrun(args, tmp_path / 'resumed', str(tmp_path), launcher_env())
+    for rank in (0, 1):
+        ev = evidence(out, rank)
+        assert ev['world_size'] == 2 and ev['start_epoch'] == saved + 1 and ev['batch_epochs'][-1] == epochs - 1
+    assert torch.load(last, weights_only=False)['epoch'] == epochs - 1

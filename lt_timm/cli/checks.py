@@ -2,6 +2,7 @@
 
 * :func:`check_args` — LossTransform's flags (``train.py`` and the launcher);
 * :func:`check_loop_args` / :func:`resolve_model_dtype` — ``train.py``'s training loop and ``--model-dtype``;
+* :func:`check_lr` — a learning rate the optimizer can apply to the weights (every training entry point);
 * :func:`check_launch_args` — what ``python -m lt_timm.launch`` cannot run (reported through the script's parser);
 * :func:`check_detection_args` / :func:`check_match_args` — ``train_detection.py``;
 * :func:`check_resumed_flags` / :func:`resumed_changes` / :func:`resumed_folder` — ``--resume`` against the run it
@@ -18,10 +19,10 @@ from ..errors import UserError
 from ..layout import EPOCH_MODES
 from .flags import LAUNCH_LOSSES, LT_ARG_DEFAULTS
 
-__all__ = ['check_args', 'check_loop_args', 'resolve_model_dtype', 'check_launch_args', 'check_detection_args',
-           'check_match_args', 'check_augment_args', 'anchor_size_entries', 'RESUME_FREE', 'RESUME_RECOVERY',
-           'DETECTION_RESUME_FREE', 'DETECTION_RESUME_RECOVERY', 'check_resumed_flags', 'resumed_changes',
-           'resumed_folder', 'lr_base_scale_rule']
+__all__ = ['check_args', 'check_loop_args', 'resolve_model_dtype', 'check_lr', 'check_launch_args',
+           'check_detection_args', 'check_match_args', 'check_augment_args', 'anchor_size_entries', 'RESUME_FREE',
+           'RESUME_RECOVERY', 'DETECTION_RESUME_FREE', 'DETECTION_RESUME_RECOVERY', 'check_resumed_flags',
+           'resumed_changes', 'resumed_folder', 'lr_base_scale_rule']
 
 
 def check_args(args: Any) -> None:
@@ -86,6 +87,28 @@ def resolve_model_dtype(model_dtype: Optional[str], amp: bool) -> Optional[torch
     return dtype
 
 
+def check_lr(lr: Optional[float], flag: str = '--lr', dtype: Optional[torch.dtype] = None) -> None:
+    """A learning rate the optimizer can apply: finite, >= 0, and a number of the weights' ``dtype`` (float32 unless
+    given). torch's optimizers convert it to that type at the first step and stop with a traceback ('value cannot
+    be converted to type float without overflow') when it is larger; ``None``: not set, nothing to check."""
+    if lr is None:
+        return
+    if not (math.isfinite(lr) and lr >= 0):
+        raise UserError(f'{flag} must be a finite number >= 0, got {lr}; pass e.g. {flag} 0.1.')
+    dtype = dtype or torch.float32
+    top = torch.finfo(dtype).max
+    if lr > top:
+        name = str(dtype).replace('torch.', '')
+        raise UserError(f'{flag} {lr:g} is larger than the largest {name} number ({top:.4g}), so the optimizer cannot '
+                        f'apply it to the {name} weights; pass a smaller {flag} (e.g. 0.1).')
+
+
+def _weights_dtype(args: Any) -> Optional[torch.dtype]:
+    """The weights' dtype of a timm script's run: its ``--model-dtype`` (float32 when not given or not one)."""
+    name = getattr(args, 'model_dtype', None)
+    return getattr(torch, name) if name in ('float16', 'bfloat16') else None
+
+
 _LAUNCH_REFUSED_WITH_REPEATS = (('train_img_sizes', '--train-img-sizes'), ('train_batch_sizes', '--train-batch-sizes'),
                                 ('train_batches_per_epoch', '--train-batches-per-epoch'))
 
@@ -100,7 +123,9 @@ def check_launch_args(args: Any, error: Callable[[str], None]) -> None:
         error(f'--lt-epoch must be one of {", ".join(EPOCH_MODES)}, got {args.lt_epoch!r}.')
     try:
         check_args(args)
-    except ValueError as e:
+        for flag in ('--lr', '--warmup-lr', '--min-lr'):  # --lr None: the script computes it (from --lr-base)
+            check_lr(getattr(args, flag[2:].replace('-', '_'), None), flag, _weights_dtype(args))
+    except (ValueError, UserError) as e:
         error(str(e))
     repeats = int(getattr(args, 'aug_repeats', 0) or 0)
     if repeats and getattr(args, 'naflex_loader', False):

@@ -18,7 +18,8 @@ from ..config import (DetectionBatchOptions, DetectionConfig, DetectionDataOptio
                       ResumePoint, settings_from)
 from ..errors import UserError, exit_on_user_error
 from .checks import (DETECTION_RESUME_FREE, DETECTION_RESUME_RECOVERY, anchor_size_entries, check_augment_args,
-                     check_detection_args, check_match_args, check_resumed_flags, resumed_changes, resumed_folder)
+                     check_detection_args, check_lr, check_match_args, check_resumed_flags, resumed_changes,
+                     resumed_folder)
 from .recipe import add_config_option, parse_with_recipe
 
 __all__ = ['build_parser', 'parse_args', 'resolve', 'detection_config', 'main', 'LOSSES', 'MODELS', 'MATCH_MODES',
@@ -191,6 +192,7 @@ def resolve(args: argparse.Namespace) -> DetectionConfig:
                                       uses_coco_detector)
     check_match_args(args.model, args.lt_match, args.lt_match_iou, args.lt_area_ratio)
     check_augment_args(args)
+    check_lr(args.lr)
     coco_detector = uses_coco_detector(args.detector_weights, args.detector_checkpoint)
     if coco_detector:
         check_coco_detector_args(args.model, args.backbone, args.pretrained, args.detector_checkpoint,
