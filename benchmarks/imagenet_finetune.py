@@ -208,10 +208,11 @@ def report(args) -> None:
 
 
 def plot(rows: list, start_point, path: str, args) -> None:
+    """Left: 1000-way val top-1 per epoch, one line per run. Right: the final epoch, one dot per seed, per arm."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.4))
+    fig, (ax, ax_final) = plt.subplots(1, 2, figsize=(10, 4.4), gridspec_kw=dict(width_ratios=[3, 2]))
     colors = dict(ce='tab:blue', ra='tab:orange', lt='tab:green')
     for r in rows:
         top1 = ([start_point['top1']] if start_point else []) + r['top1_by_epoch']
@@ -219,12 +220,21 @@ def plot(rows: list, start_point, path: str, args) -> None:
         ax.plot(x, top1, color=colors[r['arm']], alpha=0.8 if r['path'] == 'stock' else 0.5,
                 linestyle='-' if r['path'] == 'stock' else '--', marker='o' if r['path'] == 'stock' else 'x',
                 label=f'{LABELS[r["arm"]]} ({PATHS[r["path"]]})' if r['seed'] == rows[0]['seed'] else None)
+    ax.set_xticks(range(0 if start_point else 1, args.epochs + 1))
     ax.set_xlabel('epoch (0 = pretrained weights)')
     ax.set_ylabel('ImageNet val top-1, 1000-way (%)')
-    ax.set_title(f'EfficientNet-Lite0 fine-tuned on ImageNet train images (Imagenette, '
-                 f'{os.path.basename(args.data_dir.rstrip("/"))}), one line per seed', fontsize=9)
+    ax.set_title(f'EfficientNet-Lite0 on ImageNet images ({os.path.basename(args.data_dir.rstrip("/"))})',
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    groups = sorted({(r['path'], r['arm']) for r in rows}, key=lambda g: (g[0] != 'stock', 'ceralt'.index(g[1])))
+    for i, (p, arm) in enumerate(groups):
+        finals = [r['top1'] for r in rows if (r['path'], r['arm']) == (p, arm)]
+        ax_final.scatter([i] * len(finals), finals, color=colors[arm], marker='o' if p == 'stock' else 'x')
+        ax_final.hlines(statistics.mean(finals), i - 0.25, i + 0.25, color=colors[arm])
+    ax_final.set_xticks(range(len(groups)), [f'{arm.upper()}\n{p}' for p, arm in groups], fontsize=8)
+    ax_final.set_title(f'final epoch ({args.epochs}): per seed, line = mean', fontsize=9)
+    ax_final.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
