@@ -16,7 +16,8 @@ ImageNet-1k val images of 10 classes, read in ImageNet's 1000-class label space 
               view consistency), then benchmarks/results/imagenet_lite0_finetune.{csv,json,png}
 
 Finished runs are kept (``.done`` in their folder); a run killed halfway is started again from scratch, so a later
-invocation of the same command resumes the rest. Results are written after every finished run.
+invocation of the same command resumes the rest. ``start`` writes imagenet_lite0_start.*, ``report`` writes
+imagenet_lite0_finetune.* from the runs finished so far.
 
     python benchmarks/imagenet_finetune.py prepare --imagenette /tmp/datasets/imagenette \
         --data-dir /tmp/datasets/imagenette_sub200 --per-class 200

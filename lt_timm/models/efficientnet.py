@@ -7,9 +7,9 @@ TensorFlow) store a state dict with keys ``_conv_stem.weight``, ``_bn0.*``, ``_b
 ``_conv_head.weight``, ``_bn1.*``, ``_fc.*``. The architecture is timm's ``tf_efficientnet_lite0..4`` /
 ``tf_efficientnet_b0..b7`` (TensorFlow "same" padding, BatchNorm eps 1e-3): the same tensors under other names.
 
-On ``import lt_timm`` these thirteen timm entrypoints are re-registered (timm's public ``register_model``, same
-names, same module name ``efficientnet``, all of timm's pretrained tags kept) so that every door a timm user has
-loads such a file as it is:
+On ``import lt_timm`` these 26 timm entrypoints (13 ``tf_`` ones and their twins) are re-registered (timm's public
+``register_model``, same names, same module name ``efficientnet``, all of timm's pretrained tags kept) so that every
+door a timm user has loads such a file as it is:
 
 * ``--pretrained-path FILE`` / ``--pretrained`` with a tag below (timm's ``load_pretrained``: a
   ``pretrained_filter_fn`` renames the keys before timm adapts the head to ``--num-classes``);
