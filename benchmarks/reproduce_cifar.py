@@ -8,12 +8,15 @@
     scratch    Table 1's protocol: <model> from scratch with configs/cifar/<model>_{ce,lt,lt_original}.yaml; with
                --epochs shorter than the recipe, the multistep milestones move to 50 % / 75 % of the run (labelled).
 
-Every run is a subprocess of train.py / validate.py; results go to benchmarks/results/cifar10_<part>.{csv,json,png}.
+Every run is a subprocess of train.py / validate.py; results go to benchmarks/results/cifar10_<part>.{csv,json,png}
+(or --results-name). Finished runs (``.done`` in their folder) are kept; a run killed halfway starts again.
 
     python benchmarks/prepare_data.py --src '' --cifar-src /tmp/datasets/cifar10      # 10k-image train subset
     python benchmarks/reproduce_cifar.py published --data-dir /tmp/datasets/cifar10 --weights-dir /tmp/weights
     python benchmarks/reproduce_cifar.py finetune --data-dir /tmp/datasets/cifar10_sub10k --weights-dir /tmp/weights \
         --epochs 5 --seeds 0 1
+    python benchmarks/reproduce_cifar.py finetune --data-dir /tmp/datasets/cifar10 --weights-dir /tmp/weights \
+        --epochs 3 --seeds 0 1 2 --results-name cifar10_finetune_full                 # the full 50k train set
     python benchmarks/reproduce_cifar.py scratch --data-dir /tmp/datasets/cifar10_sub10k --epochs 6 --seeds 0
 """
 import argparse
@@ -21,6 +24,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 
@@ -99,11 +103,16 @@ def run_training(part: str, args) -> None:
                 if os.path.exists(os.path.join(out_dir, '.done')):
                     log(f'{name}: done earlier, reusing')
                 else:
+                    if os.path.isdir(out_dir):  # killed halfway: train.py would write to <name>-1, not here
+                        log(f'{name}: unfinished earlier, starting it again')
+                        shutil.rmtree(out_dir)
                     cmd = train_cmd(part, model, method, seed, args)
                     log(f'{name}: {shell_join(cmd)}')
                     r = run_cmd(cmd, os.path.join(args.work_dir, f'{name}.log'), threads=args.threads)
-                    if r['rc'] != 0:
-                        raise SystemExit(f'{name} failed (rc {r["rc"]}): see {args.work_dir}/{name}.log')
+                    epochs = len(read_summary(out_dir)) if os.path.exists(os.path.join(out_dir, 'summary.csv')) else 0
+                    if r['rc'] != 0 or (args.epochs and epochs != args.epochs):
+                        raise SystemExit(f'{name} failed (rc {r["rc"]}, {epochs} epochs): '
+                                         f'see {args.work_dir}/{name}.log')
                     with open(os.path.join(out_dir, '.done'), 'w') as f:
                         json.dump(dict(wall_s=r['wall_s'], command=shell_join(cmd)), f)
                 with open(os.path.join(out_dir, '.done')) as f:
