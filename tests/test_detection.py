@@ -593,8 +593,11 @@ def test_block_batches_v1_and_full(tmp_path):
     seen1 = {i for b in r1 for i in b}
     assert len(r0) == len(r1) == 3 and not seen0 & seen1
     batch = replace(batch, batch_size=4)
-    with pytest.raises(UserError, match='too few'):
+    with pytest.raises(UserError, match='too few') as full:  # already --lt-epoch full: no advice to set it
         build_sampler(batch, 1)
+    assert '--lt-epoch full' not in str(full.value)
+    with pytest.raises(UserError, match=r'too few.*or --lt-epoch full'):
+        build_sampler(replace(batch, lt_epoch='v1'), 1)
 
 
 def test_detection_configs_parse():

@@ -5,6 +5,7 @@ DDP process killed under torchrun (one line on the other, with the torchrun comm
 """
 import os
 import shlex
+from argparse import Namespace
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from lt_timm import launch
+from lt_timm.cli.checks import check_lr_base
+from lt_timm.errors import UserError
 from test_launch import TASK, data_root, evidence, variant  # noqa: F401  (data_root: the module's fixture)
 from test_reliability_kill import follow_torchrun, kill_rank_1_after_first_checkpoint, printed_torchrun_command
 
@@ -73,6 +76,31 @@ def test_learning_rate_beyond_float32_under_the_launcher_is_refused_before_any_f
     assert e.value.code == 2 and 'Traceback' not in err
     assert '--lr 1e+39 is larger than the largest float32 number' in err and 'pass a smaller --lr' in err
     assert not (tmp_path / 'out').exists()
+
+
+def test_learning_rate_from_lr_base_beyond_float32_under_the_launcher_is_refused(data_root, tmp_path, capsys):
+    """timm's script without --lr scales --lr-base to the global batch (6 / 256 here, linear for SGD): 1e41 gives
+    2.3e39, past float32 (torch's overflow traceback at the first step); 1e40 gives 2.3e38, which float32 holds."""
+    script = variant(tmp_path, TASK, [(
+        "parser.add_argument('--lr', type=float, default=0.01)",
+        "parser.add_argument('--lr', type=float, default=None)\n"
+        "parser.add_argument('--lr-base', type=float, default=0.1)\n"
+        "parser.add_argument('--lr-base-size', type=int, default=256)\n"
+        "parser.add_argument('--lr-base-scale', type=str, default='')")])
+    with pytest.raises(SystemExit) as e:
+        launch.main([script, data_root, *COMMON, '--lr-base', '1e41', '--output', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err
+    assert '--lr-base 1e+41 gives the learning rate 2.34375e+39 for a global batch of 6 (linear scaling)' in err
+    assert not (tmp_path / 'out').exists()
+    sgd = dict(lr=None, lr_base=1e40, batch_size=6, lr_base_size=256, lr_base_scale='', opt='sgd')
+    check_lr_base(Namespace(**sgd))  # 2.3e38 < 3.4e38: not refused
+    check_lr_base(Namespace(**dict(sgd, lr=0.1, lr_base=1e41)))  # --lr given: --lr-base is not used
+    check_lr_base(Namespace(**dict(sgd, lr_base=3e39)))  # linear: 7e37
+    with pytest.raises(UserError, match=r'gives the learning rate 4.59.*e\+38 .*\(sqrt scaling\)'):
+        check_lr_base(Namespace(**dict(sgd, lr_base=3e39, opt='adamw')))  # timm's sqrt rule for ada*: 4.6e38
+    with pytest.raises(UserError, match='--lr-base must be a finite number'):
+        check_lr_base(Namespace(**dict(sgd, lr_base=float('nan'))))
 
 
 def saving_as_timm(tmp_path) -> str:

@@ -3,6 +3,7 @@
 * :func:`check_args` — LossTransform's flags (``train.py`` and the launcher);
 * :func:`check_loop_args` / :func:`resolve_model_dtype` — ``train.py``'s training loop and ``--model-dtype``;
 * :func:`check_lr` — a learning rate the optimizer can apply to the weights (every training entry point);
+  :func:`check_lr_base` — the same for the lr a timm script computes from ``--lr-base`` (the launcher);
 * :func:`check_launch_args` — what ``python -m lt_timm.launch`` cannot run (reported through the script's parser);
 * :func:`check_detection_args` / :func:`check_match_args` — ``train_detection.py``;
 * :func:`check_resumed_flags` / :func:`resumed_changes` / :func:`resumed_folder` — ``--resume`` against the run it
@@ -22,7 +23,7 @@ from .flags import LAUNCH_LOSSES, LT_ARG_DEFAULTS
 __all__ = ['check_args', 'check_loop_args', 'resolve_model_dtype', 'check_lr', 'check_launch_args',
            'check_detection_args', 'check_match_args', 'check_augment_args', 'anchor_size_entries', 'RESUME_FREE',
            'RESUME_RECOVERY', 'DETECTION_RESUME_FREE', 'DETECTION_RESUME_RECOVERY', 'check_resumed_flags',
-           'resumed_changes', 'resumed_folder', 'lr_base_scale_rule']
+           'resumed_changes', 'resumed_folder', 'lr_base_scale_rule', 'lr_from_base', 'check_lr_base']
 
 
 def check_args(args: Any) -> None:
@@ -103,6 +104,33 @@ def check_lr(lr: Optional[float], flag: str = '--lr', dtype: Optional[torch.dtyp
                         f'apply it to the {name} weights; pass a smaller {flag} (e.g. 0.1).')
 
 
+def lr_from_base(lr_base: float, global_batch_size: int, lr_base_size: int, scale: str) -> float:
+    """timm's rule for a run without ``--lr``: ``--lr-base`` times global batch / ``--lr-base-size`` (square root of
+    that ratio for ``scale`` 'sqrt')."""
+    ratio = global_batch_size / lr_base_size
+    return lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+
+
+def check_lr_base(args: Any, dtype: Optional[torch.dtype] = None) -> None:
+    """A timm script's run without ``--lr`` computes it from ``--lr-base`` (:func:`lr_from_base`, the global batch from
+    ``WORLD_SIZE``): that lr must pass :func:`check_lr` too; a script without ``--lr-base``: nothing to check."""
+    lr_base = getattr(args, 'lr_base', None)
+    if getattr(args, 'lr', None) is not None or lr_base is None:
+        return
+    if not (math.isfinite(lr_base) and lr_base >= 0):
+        raise UserError(f'--lr-base must be a finite number >= 0, got {lr_base}; pass e.g. --lr-base 0.1.')
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    batch = args.batch_size * world_size * max(1, getattr(args, 'grad_accum_steps', 1) or 1)
+    scale = lr_base_scale_rule(getattr(args, 'lr_base_scale', ''), getattr(args, 'opt', ''))
+    lr = lr_from_base(lr_base, batch, getattr(args, 'lr_base_size', 256), scale)
+    try:
+        check_lr(lr, '--lr', dtype)
+    except UserError:
+        raise UserError(f'--lr-base {lr_base:g} gives the learning rate {lr:g} for a global batch of {batch} '
+                        f'({scale} scaling), more than the weights\' dtype can hold; pass a smaller --lr-base or '
+                        f'--lr (e.g. --lr 0.1).') from None
+
+
 def _weights_dtype(args: Any) -> Optional[torch.dtype]:
     """The weights' dtype of a timm script's run: its ``--model-dtype`` (float32 when not given or not one)."""
     name = getattr(args, 'model_dtype', None)
@@ -125,6 +153,7 @@ def check_launch_args(args: Any, error: Callable[[str], None]) -> None:
         check_args(args)
         for flag in ('--lr', '--warmup-lr', '--min-lr'):  # --lr None: the script computes it (from --lr-base)
             check_lr(getattr(args, flag[2:].replace('-', '_'), None), flag, _weights_dtype(args))
+        check_lr_base(args, _weights_dtype(args))
     except (ValueError, UserError) as e:
         error(str(e))
     repeats = int(getattr(args, 'aug_repeats', 0) or 0)

@@ -133,7 +133,8 @@ def build_sampler(batch: DetectionBatchOptions, num_images: int, world_size: int
         return RepeatedAugBatchSampler(num_images, rows, batch.aug_repeats, num_replicas=world_size,
                                        rank=rank, shuffle=True, epoch_mode=batch.lt_epoch, seed=batch.seed)
     except ValueError as e:
-        raise UserError(f'{e} (or --lt-epoch full: each image m times per epoch)') from e
+        hint = '' if batch.lt_epoch == 'full' else ' (or --lt-epoch full: each image m times per epoch)'
+        raise UserError(f'{e}{hint}') from e
 
 
 def lr_at(schedule: DetectionSchedule, epoch: int, it: int, iters_per_epoch: int) -> float:
