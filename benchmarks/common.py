@@ -97,3 +97,17 @@ def read_summary(output_dir: str) -> List[Dict[str, float]]:
 def shell_join(cmd: List[str]) -> str:
     import shlex
     return ' '.join(shlex.quote(c) for c in cmd)
+
+
+def run_validate(cmd: List[str], out_json: str, threads: int = 1, reuse: bool = False) -> Dict[str, object]:
+    """Run a ``validate.py ... --results-file out_json`` command (log next to it; ``reuse``: keep an existing
+    ``out_json``) and return its results with the command; a failed run stops the benchmark."""
+    log_path = out_json[:-len('.json')] + '.log'
+    if not (reuse and os.path.exists(out_json)):
+        r = run_cmd(cmd, log_path, threads=threads)
+        if r['rc'] != 0:
+            raise SystemExit(f'validate failed (rc {r["rc"]}): see {log_path}')
+    with open(out_json) as f:
+        res = json.load(f)
+    res['command'] = shell_join(cmd)
+    return res

@@ -35,7 +35,8 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, RESULTS, environment, log, read_summary, run_cmd, shell_join, write_csv, write_json  # noqa: E402
+from common import (REPO, RESULTS, environment, log, read_summary, run_cmd, run_validate, shell_join,  # noqa: E402
+                    write_csv, write_json)
 
 PY = sys.executable
 ARCH = 'tf_efficientnet_lite0'
@@ -91,14 +92,7 @@ def validate(checkpoint_args: list, out_json: str, args, extra=()) -> dict:
     cmd = [PY, 'validate.py', '--data-dir', args.data_dir, '--split', 'val', '--class-map', CLASS_MAP,
            '--num-classes', '1000', '--device', 'cpu', '-j', str(args.workers), '-b', '100', '--channels-last',
            '--results-file', out_json, *checkpoint_args, *extra]
-    if not os.path.exists(out_json):
-        r = run_cmd(cmd, out_json.replace('.json', '.log'), threads=args.threads)
-        if r['rc'] != 0:
-            raise SystemExit(f'validate failed (rc {r["rc"]}): see {out_json.replace(".json", ".log")}')
-    with open(out_json) as f:
-        res = json.load(f)
-    res['command'] = shell_join(cmd)
-    return res
+    return run_validate(cmd, out_json, threads=args.threads, reuse=True)
 
 
 def start(args) -> dict:

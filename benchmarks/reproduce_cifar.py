@@ -29,7 +29,8 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, RESULTS, environment, log, read_summary, run_cmd, shell_join, write_csv, write_json  # noqa: E402
+from common import (REPO, RESULTS, environment, log, read_summary, run_cmd, run_validate, shell_join,  # noqa: E402
+                    write_csv, write_json)
 
 PY = sys.executable
 # The views of the consistency metrics: the recipes' own training transform (pad-4 crop + flip).
@@ -53,13 +54,7 @@ def validate(data_dir: str, model: str, checkpoint: str, out_json: str, args, ex
     cmd = [PY, 'validate.py', '--data-dir', data_dir, '--split', 'test', '--model', f'cifar_{model}',
            '--checkpoint', checkpoint, '--device', args.device, '-j', str(args.workers), '-b', '500',
            '--results-file', out_json, *extra]
-    r = run_cmd(cmd, out_json.replace('.json', '.log'), threads=args.threads)
-    if r['rc'] != 0:
-        raise SystemExit(f'validate failed (rc {r["rc"]}): see {out_json.replace(".json", ".log")}')
-    with open(out_json) as f:
-        res = json.load(f)
-    res['command'] = shell_join(cmd)
-    return res
+    return run_validate(cmd, out_json, threads=args.threads)
 
 
 def run_published(args) -> None:
