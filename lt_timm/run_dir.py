@@ -21,6 +21,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections import OrderedDict
 from typing import Callable, List, Mapping, Optional, Sequence
 
@@ -47,6 +48,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_BEING_WRITTEN = -1
+
+
 class RunLock:
     """An exclusive, pid-stamped lock file in a run folder."""
 
@@ -60,11 +64,9 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    with open(self.path) as f:
-                        pid = int(f.read().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
+                pid = self._holder() or self._pid_being_written()
+                if pid == _BEING_WRITTEN:  # its maker has not written its pid yet: held, not stale
+                    return 0
                 if pid and pid != os.getpid() and _pid_alive(pid):
                     return pid
                 _logger.warning(f'taking over the lock {self.path} left by a process that is gone (pid {pid}).')
@@ -79,10 +81,35 @@ class RunLock:
             return None
         return 0
 
+    def _holder(self) -> int:
+        """The pid written in the lock file; 0 when it is empty, unreadable or gone."""
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _pid_being_written(self, seconds: float = 10.0) -> int:
+        """For an empty lock: the pid its maker writes within 1 s (it made the file with ``O_EXCL`` and writes its pid
+        next); :data:`_BEING_WRITTEN` when the lock is still empty and younger than ``seconds``; 0 when it is older
+        (its maker died in between: stale) or gone."""
+        for _ in range(20):
+            try:
+                if time.time() - os.path.getmtime(self.path) > seconds:
+                    return 0
+            except OSError:
+                return 0
+            time.sleep(0.05)
+            pid = self._holder()
+            if pid:
+                return pid
+        return _BEING_WRITTEN
+
     def acquire(self) -> None:
         pid = self.try_acquire()
         if pid is not None:
-            raise UserError(f'another run (pid {pid}) is writing to {os.path.dirname(self.path)}; wait for it to '
+            who = f'pid {pid}' if pid else 'its pid not yet written'
+            raise UserError(f'another run ({who}) is writing to {os.path.dirname(self.path)}; wait for it to '
                             f'finish (or stop it), then run this again.')
 
     def release(self) -> None:
@@ -369,16 +396,16 @@ def resume_hint(output_dir: Optional[str], epoch: int) -> str:
     return 'then start again (no checkpoint was saved yet)'
 
 
-_LOST = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
+# What gloo / NCCL / torch's store say when a peer process is gone; not setup errors ('only supported with GPUs',
+# an address in use), which name their own problem.
+_LOST = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'Connection refused',
+         'ncclRemoteError', 'NCCL communicator was aborted')
 
 
 def lost_a_process(e: BaseException) -> bool:
-    """A collective that failed because another process of the DDP group is gone (torch's ``Dist*Error``, or gloo's
-    / NCCL's connection errors)."""
-    if not isinstance(e, RuntimeError):
-        return False
-    torch_dist = any(c.__name__.startswith('Dist') and c.__module__.startswith('torch') for c in type(e).__mro__)
-    return torch_dist or any(s in str(e) for s in _LOST + ('gloo', 'NCCL'))
+    """A collective that failed because another process of the DDP group is gone: a ``RuntimeError`` (torch's
+    ``Dist*Error`` included) with one of gloo's / NCCL's connection-loss messages."""
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _LOST)
 
 
 def lost_process_reason(e: BaseException) -> str:

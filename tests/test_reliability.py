@@ -5,6 +5,7 @@ import random
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import timm
 from lt_timm.data import check_images, load_folder_dataset
 from lt_timm.errors import UserError
 from conftest import PYTHON, REPO, make_image_folder
-from test_cli import (RGB_FLAGS, _kill_after_first_checkpoint, assert_clean_failure, finish, one_thread_env,
+from test_cli import (RGB_FLAGS, kill_after_first_checkpoint, assert_clean_failure, finish, one_thread_env,
                       read_summary, run, start)
 
 TRAIN = [*RGB_FLAGS, '--epochs', '1', '--warmup-epochs', '0']
@@ -214,6 +215,34 @@ def test_lock_held_by_a_live_process_refuses_a_second_writer(finished_run, tmp_p
     assert [int(r['epoch']) for r in read_summary(out / 'r' / 'summary.csv')] == [0, 1]
 
 
+def test_an_empty_lock_being_written_is_held_an_old_one_is_stale(tmp_path):
+    """Between another process's O_EXCL create and its pid write the lock file is empty: a second writer waits for
+    the pid (and is refused while the maker lives), refuses while it is still empty and fresh, and takes over an
+    empty lock older than 10 s (its maker died in between). It used to read the empty file as pid 0, stale."""
+    import threading
+    from lt_timm.run_dir import RunLock
+    lock = tmp_path / '.lock'
+    sleeper = subprocess.Popen(['sleep', '60'])
+    try:
+        lock.write_text('')
+        writer = threading.Timer(0.3, lambda: lock.write_text(str(sleeper.pid)))
+        writer.start()
+        assert RunLock(str(tmp_path)).try_acquire() == sleeper.pid  # waited for the pid written 0.3 s later
+        writer.join()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.write_text('')
+    with pytest.raises(UserError, match='another run \\(its pid not yet written\\)'):
+        RunLock(str(tmp_path)).acquire()
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    mine = RunLock(str(tmp_path))
+    assert mine.try_acquire() is None and lock.read_text() == str(os.getpid())
+    mine.release()
+    assert not lock.exists()
+
+
 def test_summary_rows_are_timms_then_ours_and_stay_aligned(tmp_path):
     """update_summary writes timm's columns exactly as timm.utils.update_summary does, then ours; a row with other
     columns (a run resumed with --model-ema) rewrites the file so that every value stays under its name."""
@@ -365,7 +394,7 @@ def test_killed_run_with_augmentation_resumes_exactly(tmp_path):
     env = one_thread_env()  # all three runs: the uninterrupted one runs alongside the one that is killed
     straight_run = start('train.py', '--data-dir', data, *common, '--experiment', 'straight', env=env)
     cmd = [PYTHON, str(REPO / 'train.py'), '--data-dir', str(data), *map(str, common), '--experiment', 'killed']
-    _kill_after_first_checkpoint(cmd, tmp_path / 'killed', env=env)
+    kill_after_first_checkpoint(cmd, tmp_path / 'killed', env=env)
     ckpt = tmp_path / 'killed' / 'last.pth.tar'
     done = torch.load(ckpt, map_location='cpu', weights_only=False)['epoch']
     run('train.py', '--data-dir', data, *common, '--experiment', 'killed', '--resume', ckpt, env=env)
@@ -601,3 +630,27 @@ def test_detection_resume_option_lists_are_real_options_and_documented():
     for dest in DETECTION_RESUME_FREE + DETECTION_RESUME_RECOVERY:
         assert dest in flags, dest
         assert any(f'`{n}' in section or f'/{n}`' in section for n in flags[dest]), (dest, flags[dest])
+
+
+@pytest.mark.parametrize('error, lost', [
+    (RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer '
+                  '[127.0.0.1]:29771'), True),
+    (torch.distributed.DistBackendError('[../gloo/transport/tcp/pair.cc:598] Connection reset by peer'), True),
+    (RuntimeError('[../gloo/transport/tcp/pair.cc:446] Broken pipe'), True),
+    (torch.distributed.DistBackendError('NCCL error: remote process exited or there was a network error, NCCL '
+                                        'version 2.21.5\nncclRemoteError: A call failed possibly due to a network '
+                                        'error or a remote process exiting prematurely.'), True),
+    (RuntimeError('ProcessGroupNCCL is only supported with GPUs, no GPUs found!'), False),
+    (torch.distributed.DistNetworkError('The server socket has failed to listen on any local network address. port: '
+                                        '29500, useIpv6: false, code: -98, name: EADDRINUSE, message: address '
+                                        'already in use'), False),
+    (RuntimeError('gloo: input tensor sizes differ'), False),
+    (ValueError('Connection reset by peer'), False),
+])
+def test_lost_a_process_only_for_a_peer_that_is_gone(error, lost):
+    """The DDP stop line ('lost another process ... --resume') only for connection loss, not for setup errors that
+    name their own problem (a GPU backend without GPUs, a port in use) or a collective's misuse."""
+    from lt_timm.run_dir import lost_a_process, lost_process_reason
+    assert lost_a_process(error) is lost
+    if lost:
+        assert lost_process_reason(error) in str(error)
