@@ -240,15 +240,23 @@ def _last_checkpoint(args, started: float) -> Optional[str]:
 
 
 def _stopped(e: BaseException, argv: List[str], started: float) -> Tuple[str, int]:
-    """The line for a run stopped by a signal or a lost DDP process, with the command that resumes it."""
+    """The line for a run stopped by a signal or a lost DDP process, with the command that resumes it: from the
+    ``last.pth.tar`` this run wrote, else from the ``--resume`` file it started from. Ctrl-C reaches every process
+    of a DDP run: only process 0 says it ('' on the others)."""
+    rank = os.environ.get('RANK', '0')
     if isinstance(e, (KeyboardInterrupt, Terminated)):
         what = 'stopped by Ctrl-C (SIGINT)' if isinstance(e, KeyboardInterrupt) else 'stopped by SIGTERM'
         code = STOP_EXIT_CODES[type(e).__name__]
+        if isinstance(e, KeyboardInterrupt) and rank != '0':
+            return '', code
     else:
-        rank = os.environ.get('RANK', '0')
         what, code = f'process {rank} of this DDP run lost another process ({lost_process_reason(e)})', 2
     state = getattr(sys.modules.get(_SCRIPT_MODULE_NAME), '_lt_timm_state', None)
-    last = _last_checkpoint(state.args, started) if state is not None and state.args is not None else None
+    args = state.args if state is not None else None
+    last = _last_checkpoint(args, started) if args is not None else None
+    resumed = getattr(args, 'resume', '') or ''
+    if last is None and resumed and os.path.isfile(resumed):
+        last = resumed  # (resume_command replaces the --resume of argv)
     if last is None:
         return f'{what}; no checkpoint was saved yet: start again.', code
     return f'{what}; {last} holds the last saved epoch; to continue: ' \
@@ -269,7 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         message, code = _problem(e, argv, started)
         if message is None or os.environ.get('LT_TIMM_DEBUG'):
             raise
-    print(f'lt_timm.launch: error: {message}', file=sys.stderr, flush=True)
+    if message:
+        print(f'lt_timm.launch: error: {message}', file=sys.stderr, flush=True)
     return code
 
 

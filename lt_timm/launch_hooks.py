@@ -59,7 +59,7 @@ def hook_flags(state: LaunchState) -> None:
                 f'guard: optimizer step pre-hook')
         return ns, rest
 
-    parser.parse_known_args = parse_known_args
+    state.patches.set(parser, 'parse_known_args', parse_known_args)
 
 
 # ---------------------------------------------------------------- loader

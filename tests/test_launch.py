@@ -247,12 +247,14 @@ def test_patch_installs_hooks_and_close_restores_them(tmp_path):
     assert '__setattr__' in vars(timm.task.task.TrainingTask)
     assert state.train_functions == state.loss_fn_functions == ['train_one_epoch']
     assert len(torch_optimizer._global_optimizer_pre_hooks) == n_hooks[0] + 1
+    assert 'parse_known_args' in vars(module.parser)  # the flags hook wraps the script's parser
     with pytest.raises(launch.LaunchError, match='already patched'):
         lt_timm.patch_timm_train(module)
     state.close()
     assert (timm.data.create_loader, timm.data.loader.create_loader, timm.models.resume_checkpoint,
             timm.task.resume_task_checkpoint, torch_dataloader._BaseDataLoaderIter.__next__) == originals
     assert '__setattr__' not in vars(timm.task.task.TrainingTask)
+    assert 'parse_known_args' not in vars(module.parser)  # argparse's own method again
     assert (len(torch_optimizer._global_optimizer_pre_hooks), len(torch_optimizer._global_optimizer_post_hooks)) \
         == n_hooks
     assert launch_state.active() is None

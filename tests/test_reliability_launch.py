@@ -140,6 +140,29 @@ def test_sigterm_under_the_launcher_says_how_to_resume_and_that_works(data_root,
     assert launch.main(resumed) == 0  # one more epoch: the printed command resumes the run
 
 
+def test_ctrl_c_of_a_resumed_run_before_its_first_save_resumes_from_the_resume_file(data_root, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A run started with --resume FILE and stopped before it saved anything: the command resumes from FILE (it
+    said 'no checkpoint was saved yet: start again'); under torchrun only process 0 says it (every process gets the
+    Ctrl-C)."""
+    first = tmp_path / 'first'
+    assert launch.main([saving_as_timm(tmp_path), data_root, *COMMON, '--epochs', '1', '--output', str(first)]) == 0
+    script = variant(tmp_path, saving_as_timm(tmp_path), [(
+        '        seen = train_one_epoch(', '        if args.resume:\n            raise KeyboardInterrupt\n'
+                                        '        seen = train_one_epoch(')], name='interrupted.py')
+    argv = [script, data_root, *COMMON, '--epochs', '3', '--output', str(tmp_path / 'second'),
+            '--resume', str(first / 'last.pth.tar')]
+    capsys.readouterr()
+    assert launch.main(argv) == 130
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith('lt_timm.launch: error: ')]
+    assert len(lines) == 1 and 'stopped by Ctrl-C (SIGINT)' in lines[0], lines
+    command = shlex.split(lines[0].split('to continue: ', 1)[1])
+    assert command == ['python', '-m', 'lt_timm.launch', *argv[:-2], '--resume', str(first / 'last.pth.tar')]
+    monkeypatch.setenv('RANK', '1')
+    assert launch.main(argv) == 130
+    assert 'lt_timm.launch: error' not in capsys.readouterr().err
+
+
 def test_ddp_process_killed_under_the_launcher_says_how_to_resume_and_that_works(data_root, tmp_path):
     """torchrun -m lt_timm.launch, 2 gloo processes; kill -9 of process 1 after the first checkpoint: process 0 stops
     with one line (what happened, the torchrun command that resumes), torchrun exits non-zero; the printed command,
