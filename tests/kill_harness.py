@@ -12,8 +12,10 @@ A command may ask the child to:
   ``shutil.copyfile``), append each to ``trace`` as a JSON line, and at operation ``k`` send itself SIGKILL: before
   the operation, or (``torn``, for an ``open`` for writing) after writing the first half of the first ``write`` through
   that file — a write cut off by the kill. ``kill_at`` -1: never.
-* ``signal``: ``{"name": "SIGINT"|"SIGTERM", "when_exists": path}`` — the parent sends the signal once ``path``
-  exists (e.g. the run's ``last.pth.tar``); or ``"when_logged": text`` — once the child's stderr holds ``text``.
+* ``signal``: ``{"name": "SIGINT"|"SIGTERM", "when_exists": path}`` — the child gets the signal once ``path``
+  exists (e.g. the run's ``last.pth.tar``); or ``"when_logged": text`` — once the child's stderr holds ``text``. It
+  arrives where a user's Ctrl-C mostly does, in the data pipeline: the child sends it to itself as it opens the first
+  image file after the condition holds (a parent polling for the condition raced a tiny run's end on a busy CPU).
 * ``rlimit_fsize``: bytes — ``RLIMIT_FSIZE`` of the child (a full disk for files larger than that).
 * ``user``: uid — the child drops root to that user and group first (a read-only folder by ``chmod``).
 
@@ -28,7 +30,6 @@ import resource
 import shutil
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -128,6 +129,25 @@ def install(faults: Faults) -> None:
         setattr(module, name, wrapped)
 
 
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+
+
+def signal_at_next_image(sig: dict, err: str) -> None:
+    """The child sends itself ``sig['name']`` once, as it opens the first image file after ``_ready(sig)``."""
+    real_open, sent = builtins.open, []
+
+    def open_(file, mode='r', *args, **kwargs):
+        image = isinstance(file, (str, os.PathLike)) and os.fspath(file).lower().endswith(IMAGE_SUFFIXES)
+        if image and not sent:
+            sys.stderr.flush()
+        if image and not sent and _ready(sig, err):
+            sent.append(True)
+            os.kill(os.getpid(), getattr(signal, sig['name']))
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = open_
+
+
 def child(cmd: dict) -> None:
     """The forked child: redirect output, set up the faults, run the script's main, exit with its status."""
     code = 1
@@ -143,6 +163,8 @@ def child(cmd: dict) -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (cmd['rlimit_fsize'], resource.RLIM_INFINITY))
         if cmd.get('fault'):
             install(Faults(**cmd['fault']))
+        if cmd.get('signal'):
+            signal_at_next_image(cmd['signal'], cmd['err'])
         sys.argv = [str(REPO / cmd.get('script', 'train.py'))] + cmd['argv']
         os.chdir(REPO)
         main = script_main(cmd.get('script', 'train.py'))
@@ -164,14 +186,6 @@ def run(cmd: dict) -> dict:
     pid = os.fork()
     if pid == 0:
         child(cmd)
-    sig = cmd.get('signal')
-    if sig:
-        while not _ready(sig, cmd['err']):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return _reply(status)
-            time.sleep(0.01)
-        os.kill(pid, getattr(signal, sig['name']))
     _, status = os.waitpid(pid, 0)
     return _reply(status)
 

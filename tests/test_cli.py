@@ -161,7 +161,7 @@ def test_yaml_config_round_trip(image_folder, tmp_path):
     assert_clean_failure(p, 'unknown keys', 'aug_repeat')
 
 
-def _kill_after_first_checkpoint(cmd, run_dir: Path, timeout=240, env=None):
+def kill_after_first_checkpoint(cmd, run_dir: Path, timeout=240, env=None):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
@@ -184,7 +184,7 @@ def test_killed_run_resumes_exactly(image_folder, tmp_path):
     straight_run = start('train.py', '--data-dir', image_folder, *common, '--experiment', 'straight', env=env)
 
     cmd = [PYTHON, str(REPO / 'train.py'), '--data-dir', str(image_folder), *map(str, common), '--experiment', 'killed']
-    rc = _kill_after_first_checkpoint(cmd, tmp_path / 'killed', env=env)
+    rc = kill_after_first_checkpoint(cmd, tmp_path / 'killed', env=env)
     ckpt = tmp_path / 'killed' / 'last.pth.tar'
     assert ckpt.exists()
     done = torch.load(ckpt, map_location='cpu', weights_only=False)['epoch']  # loads: written atomically

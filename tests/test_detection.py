@@ -369,7 +369,7 @@ def test_torchvision_backbones():
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _write_pennfudan(root, n=3):
+def write_pennfudan(root, n=3):
     from PIL import Image
     os.makedirs(os.path.join(root, 'PNGImages'))
     os.makedirs(os.path.join(root, 'PedMasks'))
@@ -385,7 +385,7 @@ def _write_pennfudan(root, n=3):
 
 def test_pennfudan_dataset(tmp_path):
     root = str(tmp_path / 'PennFudanPed')
-    _write_pennfudan(root)
+    write_pennfudan(root)
     ds = PennFudanDataset(root)
     assert len(ds) == 3
     img, t = ds[1]
@@ -406,7 +406,7 @@ def test_pennfudan_dataset(tmp_path):
 
 def test_replica_dataset_and_collate(tmp_path):
     root = str(tmp_path / 'PennFudanPed')
-    _write_pennfudan(root, 4)
+    write_pennfudan(root, 4)
     ds = ReplicaDataset(PennFudanDataset(root), 3, ReplicaAugment(), seed=1)
     images, targets, params = replica_collate([ds[0], ds[1]])
     assert len(images) == 6 and len(params) == 6
@@ -463,7 +463,7 @@ def test_coco_dataset_and_eval(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- entry point
-_TINY_CFG = ('model: maskrcnn\nbackbone: mobilenetv3_small_050\nfpn_channels: 32\nmask_head_channels: 16\n'
+TINY_CFG = ('model: maskrcnn\nbackbone: mobilenetv3_small_050\nfpn_channels: 32\nmask_head_channels: 16\n'
              'box_head_dim: 64\nloss: losstransform\naug_repeats: 2\n'
              'batch_size: 4\nimg_size: 64\nlr_steps: [1]\nwarmup_iters: 1\nval_size: 2\n'
              'rpn_pre_nms: 50\nrpn_post_nms: 50\nbox_batch_per_image: 32\nlog_interval: 1\nthreads: 1\n')
@@ -473,9 +473,9 @@ def test_train_entry_point_end_to_end(tmp_path):
     """One tiny epoch (config YAML, logging, summary.csv in timm's column order, curves, atomic checkpoint), then
     --resume continues the same folder; a new run with the same name never overwrites it."""
     root = str(tmp_path / 'PennFudanPed')
-    _write_pennfudan(root, 5)
+    write_pennfudan(root, 5)
     cfg = tmp_path / 'cfg.yaml'
-    cfg.write_text(_TINY_CFG + 'lt_epoch: full\n')  # 3 training images: v1 would have 3 rows, less than -b 4
+    cfg.write_text(TINY_CFG + 'lt_epoch: full\n')  # 3 training images: v1 would have 3 rows, less than -b 4
     out = tmp_path / 'out'
     cmd = [sys.executable, os.path.join(REPO, 'train_detection.py'), '-c', str(cfg), '--data-dir', root,
            '--output', str(out), '--experiment', 'run']
@@ -516,9 +516,9 @@ def test_train_entry_point_end_to_end(tmp_path):
 def test_train_torchrun_two_processes_gloo(tmp_path):
     """DDP under torchrun (gloo, CPU): each rank trains its share of the images, rank 0 evaluates and writes."""
     root = str(tmp_path / 'PennFudanPed')
-    _write_pennfudan(root, 6)
+    write_pennfudan(root, 6)
     cfg = tmp_path / 'cfg.yaml'
-    cfg.write_text(_TINY_CFG + 'lt_epoch: full\n')
+    cfg.write_text(TINY_CFG + 'lt_epoch: full\n')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                         os.path.join(REPO, 'train_detection.py'), '-c', str(cfg), '--data-dir', root, '--epochs', '1',
                         '--device', 'cpu', '--output', str(tmp_path / 'out'), '--experiment', 'ddp'],
@@ -546,9 +546,9 @@ def test_train_user_errors(tmp_path, capsys):
     err = _main_exit(['--data-dir', str(tmp_path / 'no_such_dir'), '--output', str(out)], capsys)
     assert 'no_such_dir' in err and '--data-dir' in err
     root = str(tmp_path / 'PennFudanPed')
-    _write_pennfudan(root, 5)
+    write_pennfudan(root, 5)
     cfg = tmp_path / 'cfg.yaml'
-    cfg.write_text(_TINY_CFG)
+    cfg.write_text(TINY_CFG)
     base = ['-c', str(cfg), '--data-dir', root, '--output', str(out), '--epochs', '1']
     err = _main_exit(base, capsys)  # 3 training images, v1: 3 rows per epoch < -b 4
     assert 'too few for one batch' in err and '-b/--batch-size' in err
@@ -573,7 +573,7 @@ def test_block_batches_v1_and_full(tmp_path):
     from lt_timm.detection.train import build_sampler
     from lt_timm.errors import UserError
     root = str(tmp_path / 'PennFudanPed')
-    _write_pennfudan(root, 6)
+    write_pennfudan(root, 6)
     batch = DetectionBatchOptions(batch_size=4, aug_repeats=2, lt_epoch='v1', seed=0)
     assert len(build_sampler(batch, 6)) == 1  # 6 rows -> 1 batch of 4 rows (2 images x 2)
     batch = replace(batch, lt_epoch='full')

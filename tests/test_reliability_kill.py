@@ -225,6 +225,11 @@ def test_read_only_folder_is_one_line(harness, reference, tmp_path):
     (['--lr', '1e5', '--model-dtype', 'float16'], ['--lr 100000 is larger than the largest float16 number (6.55e+04)']),
     (['--lr', 'nan'], ['--lr must be a finite number >= 0, got nan']),
     (['--warmup-lr', '-1'], ['--warmup-lr must be a finite number >= 0, got -1.0']),
+    # without --lr: timm's rule, --lr-base x 6 / 256 rows (linear for SGD); the error names --lr-base, not --lr
+    (['--lr-base', '1e41'], ['--lr-base 1e+41 gives the learning rate 2.34375e+39 for a global batch of 6 (linear',
+                             'pass a smaller --lr-base or --lr']),
+    (['--lr-base', 'nan'], ['--lr-base must be a finite number >= 0, got nan']),
+    (['--lr-base-size', '0'], ['--lr-base-size must be >= 1', 'got 0']),
 ])
 def test_a_learning_rate_the_optimizer_cannot_apply_is_one_line(harness, reference, tmp_path, flags, needles):
     """torch's optimizers stop at the first step with a traceback ('value cannot be converted to type float without
@@ -232,6 +237,9 @@ def test_a_learning_rate_the_optimizer_cannot_apply_is_one_line(harness, referen
     followed, trains."""
     data = reference[0]
     argv = [*FLAGS, '--data-dir', data, '--output', tmp_path / 'out', '--experiment', 'r']
+    if flags[0].startswith('--lr-base'):
+        i = argv.index('--lr')
+        argv = argv[:i] + argv[i + 2:]
     reply, _, err = harness.run([*argv, *flags])
     assert_one_line(reply, err, 2, *needles)
     assert not (tmp_path / 'out').exists()
@@ -329,10 +337,10 @@ def detection_argv(root: Path, out: Path, *extra) -> list:
 @pytest.fixture(scope='module')
 def detection_reference(harness, tmp_path_factory):
     """An uninterrupted 2-epoch detection run, its file operations traced: ``(root, run folder, operations)``."""
-    from test_detection import _TINY_CFG, _write_pennfudan
+    from test_detection import TINY_CFG, write_pennfudan
     root = tmp_path_factory.mktemp('detection')
-    _write_pennfudan(str(root / 'PennFudanPed'), 5)
-    (root / 'cfg.yaml').write_text(_TINY_CFG + 'lt_epoch: full\n')
+    write_pennfudan(str(root / 'PennFudanPed'), 5)
+    (root / 'cfg.yaml').write_text(TINY_CFG + 'lt_epoch: full\n')
     out, trace = root / 'out', root / 'trace.jsonl'
     reply, _, err = harness.run(detection_argv(root, out), script='train_detection.py',
                                 fault=dict(watch=str(out), kill_at=-1, torn=False, trace=str(trace)))
@@ -411,7 +419,7 @@ def detection_main(capsys, *argv):
 def test_detection_resume_compares_the_experiment_and_the_data(detection_reference, tmp_path, capsys, one_thread):
     """One error naming each changed option (not --lr, which a resumed run may lower, nor --epochs: the step
     schedule does not depend on it) or the data; following 'drop these flags' resumes; args.yaml is the run's."""
-    from test_detection import _write_pennfudan
+    from test_detection import write_pennfudan
     root, ref_dir, _ = detection_reference
     run_dir = tmp_path / 'r'
     shutil.copytree(ref_dir, run_dir)
@@ -421,7 +429,7 @@ def test_detection_resume_compares_the_experiment_and_the_data(detection_referen
     code, line = detection_main(capsys, *base, '--lt-rho', '0.5', '--aug-repeats', '3', '--seed', '1')
     assert code == 2 and '--lt-rho 0.5 (the run: 1.0)' in line and '--aug-repeats 3 (the run: 2)' in line
     assert '--seed 1 (the run: 42)' in line and 'Drop these flags' in line and 'a new run (without --resume)' in line
-    _write_pennfudan(str(tmp_path / 'more'), 6)
+    write_pennfudan(str(tmp_path / 'more'), 6)
     code, line = detection_main(capsys, *base, '--data-dir', tmp_path / 'more')
     assert code == 2 and "data is not the run's: 4 training images (the run: 3)" in line
     code, line = detection_main(capsys, *base, '--epochs', '3', '--lr', '0.01', '--workers', '0')
@@ -460,9 +468,9 @@ def test_detection_ddp_process_killed_leaves_one_line_saying_how_to_resume(tmp_p
     """train_detection.py under torchrun (2 gloo processes, the tiny PennFudan of tests/test_detection.py): kill -9
     of process 1 after the first checkpoint: one line on process 0, the folder unlocked; the printed command,
     followed, finishes the run."""
-    from test_detection import _TINY_CFG, _write_pennfudan
-    _write_pennfudan(str(tmp_path / 'PennFudanPed'), 5)
-    (tmp_path / 'cfg.yaml').write_text(_TINY_CFG + 'lt_epoch: full\n')
+    from test_detection import TINY_CFG, write_pennfudan
+    write_pennfudan(str(tmp_path / 'PennFudanPed'), 5)
+    (tmp_path / 'cfg.yaml').write_text(TINY_CFG + 'lt_epoch: full\n')
     run_dir, epochs = tmp_path / 'out' / 'r', 12  # 0.3 s an epoch
     last = run_dir / 'last.pth.tar'
     argv = detection_argv(tmp_path, run_dir.parent, '-b', '2')  # 3 images x 2 replicas: 1 step of 2 rows a process
@@ -480,9 +488,9 @@ def test_detection_ddp_process_killed_leaves_one_line_saying_how_to_resume(tmp_p
 def test_detection_learning_rate_the_optimizer_cannot_apply_is_one_line(tmp_path, capsys):
     """train_detection.py --lr 1e39 without warmup: torch's SGD stopped with an overflow traceback at the first
     step; now one line, before any folder."""
-    from test_detection import _TINY_CFG, _write_pennfudan
-    _write_pennfudan(str(tmp_path / 'PennFudanPed'), 5)
-    (tmp_path / 'cfg.yaml').write_text(_TINY_CFG + 'lt_epoch: full\n')
+    from test_detection import TINY_CFG, write_pennfudan
+    write_pennfudan(str(tmp_path / 'PennFudanPed'), 5)
+    (tmp_path / 'cfg.yaml').write_text(TINY_CFG + 'lt_epoch: full\n')
     code, line = detection_main(capsys, *detection_argv(tmp_path, tmp_path / 'out', '--warmup-iters', '0',
                                                         '--lr-steps', '5', '--lr', '1e39'))
     assert code == 2 and '--lr 1e+39 is larger than the largest float32 number' in line, line

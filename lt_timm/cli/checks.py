@@ -111,18 +111,23 @@ def lr_from_base(lr_base: float, global_batch_size: int, lr_base_size: int, scal
     return lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
 
 
-def check_lr_base(args: Any, dtype: Optional[torch.dtype] = None) -> None:
-    """A timm script's run without ``--lr`` computes it from ``--lr-base`` (:func:`lr_from_base`, the global batch from
-    ``WORLD_SIZE``): that lr must pass :func:`check_lr` too; a script without ``--lr-base``: nothing to check."""
+def check_lr_base(args: Any, dtype: Optional[torch.dtype] = None, world_size: Optional[int] = None) -> None:
+    """A run without ``--lr`` computes it from ``--lr-base`` (:func:`lr_from_base`; ``world_size`` None: from
+    ``WORLD_SIZE``): that lr must pass :func:`check_lr` too, said as ``--lr-base``'s; a script without ``--lr-base``:
+    nothing to check."""
     lr_base = getattr(args, 'lr_base', None)
     if getattr(args, 'lr', None) is not None or lr_base is None:
         return
     if not (math.isfinite(lr_base) and lr_base >= 0):
         raise UserError(f'--lr-base must be a finite number >= 0, got {lr_base}; pass e.g. --lr-base 0.1.')
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    lr_base_size = getattr(args, 'lr_base_size', 256)
+    if not lr_base_size or lr_base_size < 1:
+        raise UserError(f'--lr-base-size must be >= 1 (the batch size --lr-base is given for), got {lr_base_size}; '
+                        f'pass e.g. --lr-base-size 256.')
+    world_size = world_size or int(os.environ.get('WORLD_SIZE', '1'))
     batch = args.batch_size * world_size * max(1, getattr(args, 'grad_accum_steps', 1) or 1)
     scale = lr_base_scale_rule(getattr(args, 'lr_base_scale', ''), getattr(args, 'opt', ''))
-    lr = lr_from_base(lr_base, batch, getattr(args, 'lr_base_size', 256), scale)
+    lr = lr_from_base(lr_base, batch, lr_base_size, scale)
     try:
         check_lr(lr, '--lr', dtype)
     except UserError:

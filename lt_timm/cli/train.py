@@ -26,8 +26,8 @@ from ..errors import UserError
 from ..modeling import read_checkpoint_args
 from ..registry import LossOptions
 from ..run_dir import DEFAULT_OUTPUT
-from .checks import (check_args, check_loop_args, check_lr, check_resumed_flags, lr_base_scale_rule, lr_from_base,
-                     resolve_model_dtype, resumed_changes, resumed_folder)
+from .checks import (check_args, check_loop_args, check_lr, check_lr_base, check_resumed_flags, lr_base_scale_rule,
+                     lr_from_base, resolve_model_dtype, resumed_changes, resumed_folder)
 from .flags import add_losstransform_args, add_shared_options
 from .parity import COMPUTED_KEYS, add_refused_options, check_refused
 from .recipe import add_config_option, parse_with_recipe
@@ -229,6 +229,7 @@ def resolve(args: argparse.Namespace, args_text: str = '') -> TrainConfig:
     _resolve_device(args)
     args.dist_bn = resolve_dist_bn(args.dist_bn, args.sync_bn, args.distributed)
     resumed = _resolve_resume(args)
+    check_lr_base(args, model_dtype, args.world_size)  # without --lr: the lr timm's rule makes of --lr-base
     _resolve_lr(args)
     for flag in ('--lr', '--warmup-lr', '--min-lr'):  # --lr: given, the resumed run's, or timm's rule's
         check_lr(getattr(args, flag[2:].replace('-', '_')), flag, model_dtype)
