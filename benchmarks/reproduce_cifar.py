@@ -16,7 +16,7 @@ Every run is a subprocess of train.py / validate.py; results go to benchmarks/re
     python benchmarks/reproduce_cifar.py finetune --data-dir /tmp/datasets/cifar10_sub10k --weights-dir /tmp/weights \
         --epochs 5 --seeds 0 1
     python benchmarks/reproduce_cifar.py finetune --data-dir /tmp/datasets/cifar10 --weights-dir /tmp/weights \
-        --epochs 3 --seeds 0 1 2 --results-name cifar10_finetune_full                 # the full 50k train set
+        --epochs 3 --seeds 0 1 2 --work-dir /tmp/lt_bench/cifar10_full --results-name cifar10_finetune_full
     python benchmarks/reproduce_cifar.py scratch --data-dir /tmp/datasets/cifar10_sub10k --epochs 6 --seeds 0
 """
 import argparse
@@ -95,13 +95,18 @@ def run_training(part: str, args) -> None:
             for method in METHODS[part]:
                 name = f'{part}_{model}_{method}_s{seed}'
                 out_dir = os.path.join(args.work_dir, name)
+                cmd = train_cmd(part, model, method, seed, args)
                 if os.path.exists(os.path.join(out_dir, '.done')):
+                    with open(os.path.join(out_dir, '.done')) as f:
+                        earlier = json.load(f)['command']
+                    if earlier.split()[1:] != shell_join(cmd).split()[1:]:  # the interpreter's path may differ
+                        raise SystemExit(f'{out_dir} holds a run of another command ({earlier}); pass another '
+                                         f'--work-dir (each data set / epoch count its own) or remove it.')
                     log(f'{name}: done earlier, reusing')
                 else:
                     if os.path.isdir(out_dir):  # killed halfway: train.py would write to <name>-1, not here
                         log(f'{name}: unfinished earlier, starting it again')
                         shutil.rmtree(out_dir)
-                    cmd = train_cmd(part, model, method, seed, args)
                     log(f'{name}: {shell_join(cmd)}')
                     r = run_cmd(cmd, os.path.join(args.work_dir, f'{name}.log'), threads=args.threads)
                     epochs = len(read_summary(out_dir)) if os.path.exists(os.path.join(out_dir, 'summary.csv')) else 0
