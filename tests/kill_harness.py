@@ -164,6 +164,9 @@ def child(cmd: dict) -> None:
         if cmd.get('fault'):
             install(Faults(**cmd['fault']))
         if cmd.get('signal'):
+            # Ctrl-C as a terminal delivers it: a shell's background job (CI runners, `cmd &`) inherits SIGINT ignored,
+            # and Python then installs no KeyboardInterrupt handler.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             signal_at_next_image(cmd['signal'], cmd['err'])
         sys.argv = [str(REPO / cmd.get('script', 'train.py'))] + cmd['argv']
         os.chdir(REPO)
