@@ -3,7 +3,7 @@
 * :func:`check_args` — LossTransform's flags (``train.py`` and the launcher);
 * :func:`check_loop_args` / :func:`resolve_model_dtype` — ``train.py``'s training loop and ``--model-dtype``;
 * :func:`check_lr` — a learning rate the optimizer can apply to the weights (every training entry point);
-  :func:`check_lr_base` — the same for the lr a timm script computes from ``--lr-base`` (the launcher);
+  :func:`check_lr_base` — the same for the lr computed from ``--lr-base`` without ``--lr`` (train.py, the launcher);
 * :func:`check_launch_args` — what ``python -m lt_timm.launch`` cannot run (reported through the script's parser);
 * :func:`check_detection_args` / :func:`check_match_args` — ``train_detection.py``;
 * :func:`check_resumed_flags` / :func:`resumed_changes` / :func:`resumed_folder` — ``--resume`` against the run it
