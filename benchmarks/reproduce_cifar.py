@@ -98,10 +98,10 @@ def run_training(part: str, args) -> None:
                 cmd = train_cmd(part, model, method, seed, args)
                 if os.path.exists(os.path.join(out_dir, '.done')):
                     with open(os.path.join(out_dir, '.done')) as f:
-                        earlier = json.load(f)['command']
-                    if earlier.split()[1:] != shell_join(cmd).split()[1:]:  # the interpreter's path may differ
-                        raise SystemExit(f'{out_dir} holds a run of another command ({earlier}); pass another '
-                                         f'--work-dir (each data set / epoch count its own) or remove it.')
+                        done = json.load(f)
+                    if done['command'].split()[1:] != shell_join(cmd).split()[1:]:  # the interpreter may differ
+                        raise SystemExit(f'{out_dir} holds a run of another command ({done["command"]}); pass '
+                                         f'another --work-dir (each data set / epoch count its own) or remove it.')
                     log(f'{name}: done earlier, reusing')
                 else:
                     if os.path.isdir(out_dir):  # killed halfway: train.py would write to <name>-1, not here
@@ -113,10 +113,9 @@ def run_training(part: str, args) -> None:
                     if r['rc'] != 0 or (args.epochs and epochs != args.epochs):
                         raise SystemExit(f'{name} failed (rc {r["rc"]}, {epochs} epochs): '
                                          f'see {args.work_dir}/{name}.log')
+                    done = dict(wall_s=r['wall_s'], command=shell_join(cmd))
                     with open(os.path.join(out_dir, '.done'), 'w') as f:
-                        json.dump(dict(wall_s=r['wall_s'], command=shell_join(cmd)), f)
-                with open(os.path.join(out_dir, '.done')) as f:
-                    done = json.load(f)
+                        json.dump(done, f)
                 summary = read_summary(out_dir)
                 res = validate(args.data_dir, model, os.path.join(out_dir, 'last.pth.tar'),
                                os.path.join(args.work_dir, f'{name}_views.json'), args, VIEWS)

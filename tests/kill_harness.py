@@ -139,10 +139,10 @@ def signal_at_next_image(sig: dict, err: str) -> None:
     def open_(file, mode='r', *args, **kwargs):
         image = isinstance(file, (str, os.PathLike)) and os.fspath(file).lower().endswith(IMAGE_SUFFIXES)
         if image and not sent:
-            sys.stderr.flush()
-        if image and not sent and _ready(sig, err):
-            sent.append(True)
-            os.kill(os.getpid(), getattr(signal, sig['name']))
+            sys.stderr.flush()  # for when_logged: the child's own log lines, in the file
+            if _ready(sig, err):
+                sent.append(True)
+                os.kill(os.getpid(), getattr(signal, sig['name']))
         return real_open(file, mode, *args, **kwargs)
 
     builtins.open = open_

@@ -464,9 +464,9 @@ def test_coco_dataset_and_eval(tmp_path):
 
 # ----------------------------------------------------------------------------------------- entry point
 TINY_CFG = ('model: maskrcnn\nbackbone: mobilenetv3_small_050\nfpn_channels: 32\nmask_head_channels: 16\n'
-             'box_head_dim: 64\nloss: losstransform\naug_repeats: 2\n'
-             'batch_size: 4\nimg_size: 64\nlr_steps: [1]\nwarmup_iters: 1\nval_size: 2\n'
-             'rpn_pre_nms: 50\nrpn_post_nms: 50\nbox_batch_per_image: 32\nlog_interval: 1\nthreads: 1\n')
+            'box_head_dim: 64\nloss: losstransform\naug_repeats: 2\n'
+            'batch_size: 4\nimg_size: 64\nlr_steps: [1]\nwarmup_iters: 1\nval_size: 2\n'
+            'rpn_pre_nms: 50\nrpn_post_nms: 50\nbox_batch_per_image: 32\nlog_interval: 1\nthreads: 1\n')
 
 
 def test_train_entry_point_end_to_end(tmp_path):

@@ -632,7 +632,7 @@ def test_mask_rcnn_star_and_voc_recipes():
     assert not os.path.exists(os.path.join(RECIPES, 'table6_maskrcnn_frozen_lt.yaml'))  # moved to Table 4
 
 
-def write_pennfudan(root, n=4, size=72):
+def _write_pennfudan(root, n=4, size=72):
     from PIL import Image
     os.makedirs(os.path.join(root, 'PNGImages'))
     os.makedirs(os.path.join(root, 'PedMasks'))
@@ -659,7 +659,7 @@ def test_table4_recipe_trains_through_the_cli(tmp_path, caplog):
     import csv
     import torch as _torch
     from lt_timm.cli.detection import main
-    data = write_pennfudan(str(tmp_path / 'pf'))
+    data = _write_pennfudan(str(tmp_path / 'pf'))
     argv = ['-c', os.path.join(RECIPES, 'pennfudan_maskrcnn_shufflenet_v2_lt.yaml'), '--data-dir', data,
             '--val-size', '1', '-b', '2', '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', 'r',
             *SMALL]

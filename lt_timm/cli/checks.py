@@ -104,11 +104,13 @@ def check_lr(lr: Optional[float], flag: str = '--lr', dtype: Optional[torch.dtyp
                         f'apply it to the {name} weights; pass a smaller {flag} (e.g. 0.1).')
 
 
-def lr_from_base(lr_base: float, global_batch_size: int, lr_base_size: int, scale: str) -> float:
-    """timm's rule for a run without ``--lr``: ``--lr-base`` times global batch / ``--lr-base-size`` (square root of
-    that ratio for ``scale`` 'sqrt')."""
-    ratio = global_batch_size / lr_base_size
-    return lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+def lr_from_base(args: Any, world_size: int) -> Tuple[float, int, str]:
+    """timm's rule for a run without ``--lr``: ``--lr-base`` times global batch / ``--lr-base-size`` (the square root
+    of that ratio for the ``sqrt`` scale, :func:`lr_base_scale_rule`); returns ``(lr, global batch, scale)``."""
+    batch = args.batch_size * world_size * max(1, getattr(args, 'grad_accum_steps', 1) or 1)
+    scale = lr_base_scale_rule(getattr(args, 'lr_base_scale', ''), getattr(args, 'opt', ''))
+    ratio = batch / getattr(args, 'lr_base_size', 256)
+    return args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio), batch, scale
 
 
 def check_lr_base(args: Any, dtype: Optional[torch.dtype] = None, world_size: Optional[int] = None) -> None:
@@ -124,10 +126,7 @@ def check_lr_base(args: Any, dtype: Optional[torch.dtype] = None, world_size: Op
     if not lr_base_size or lr_base_size < 1:
         raise UserError(f'--lr-base-size must be >= 1 (the batch size --lr-base is given for), got {lr_base_size}; '
                         f'pass e.g. --lr-base-size 256.')
-    world_size = world_size or int(os.environ.get('WORLD_SIZE', '1'))
-    batch = args.batch_size * world_size * max(1, getattr(args, 'grad_accum_steps', 1) or 1)
-    scale = lr_base_scale_rule(getattr(args, 'lr_base_scale', ''), getattr(args, 'opt', ''))
-    lr = lr_from_base(lr_base, batch, lr_base_size, scale)
+    lr, batch, scale = lr_from_base(args, world_size or int(os.environ.get('WORLD_SIZE', '1')))
     try:
         check_lr(lr, '--lr', dtype)
     except UserError:

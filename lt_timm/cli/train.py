@@ -26,8 +26,8 @@ from ..errors import UserError
 from ..modeling import read_checkpoint_args
 from ..registry import LossOptions
 from ..run_dir import DEFAULT_OUTPUT
-from .checks import (check_args, check_loop_args, check_lr, check_lr_base, check_resumed_flags, lr_base_scale_rule,
-                     lr_from_base, resolve_model_dtype, resumed_changes, resumed_folder)
+from .checks import (check_args, check_loop_args, check_lr, check_lr_base, check_resumed_flags, lr_from_base,
+                     resolve_model_dtype, resumed_changes, resumed_folder)
 from .flags import add_losstransform_args, add_shared_options
 from .parity import COMPUTED_KEYS, add_refused_options, check_refused
 from .recipe import add_config_option, parse_with_recipe
@@ -287,9 +287,7 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     resumed run compares it)."""
     if args.lr is not None:
         return
-    global_batch_size = args.batch_size * args.world_size * max(1, getattr(args, 'grad_accum_steps', 1))
-    scale = lr_base_scale_rule(args.lr_base_scale, args.opt)
-    args.lr = lr_from_base(args.lr_base, global_batch_size, args.lr_base_size, scale)
+    args.lr, global_batch_size, scale = lr_from_base(args, args.world_size)
     if utils.is_primary(args):
         _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) '
                      f'and effective global batch size ({global_batch_size}) with {scale} scaling.')
